@@ -1,0 +1,254 @@
+"""PaddleDetection integration: configs, building models in training or deploy form, weights.
+
+Configs are read by ppdet's own ``load_config`` and models built by ppdet's
+``create``; ppfuse adds ``-o key=value`` overrides with clear errors, isolation
+of ppdet's process-global config (so two configs can be used in one process),
+and the meaning of ``deploy: true``: the model comes out in deploy form --
+every re-param block one conv, every Conv+BN pair one conv with bias.
+
+``weights`` may be a training checkpoint (loaded into the training form, then
+converted) or a deploy checkpoint written by ppfuse (loaded into the deploy
+form); which one is told by its keys. Any key mismatch is an error naming the
+keys. With no weights the model gets random weights with randomized BatchNorm
+statistics, for trying the tool only.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import yaml
+
+from . import checkpoint, layers
+from .convert import ConversionReport, convert
+from .errors import CheckpointError, ConfigError
+
+SUPPORTED_ARCHITECTURES = ("PPYOLOE", "YOLOv3")
+
+
+def _workspace():
+    import ppdet  # noqa: F401  (registers ppdet's modules)
+    from ppdet.core import workspace
+    return workspace
+
+
+_PRISTINE: Optional[Dict[str, tuple]] = None
+
+
+def _reset_ppdet_config() -> None:
+    """Put ppdet's process-global config back to the state right after ppdet's import.
+
+    ``load_config`` merges into one global dict, so a second config would
+    inherit keys of the first. Registered module schemas stay; their values go.
+    """
+    global _PRISTINE
+    ws = _workspace()
+    g = ws.global_config
+    if _PRISTINE is None:
+        _PRISTINE = {k: (v, copy.deepcopy(dict(v))) for k, v in g.items() if isinstance(v, ws.SchemaDict)}
+    for key in list(g.keys()):
+        if key not in _PRISTINE:
+            del g[key]
+    for key, (schema, items) in _PRISTINE.items():
+        schema.clear()
+        schema.update(copy.deepcopy(items))
+        g[key] = schema
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["a=1", "B.c=[1, 2]"]`` -> ``{"a": 1, "B": {"c": [1, 2]}}``, values read as YAML."""
+    result: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"-o {item!r}: an override is key=value, e.g. -o weights=model.pdparams "
+                              "or -o TestReader.batch_size=1")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"-o {item!r}: value is not YAML ({str(exc).splitlines()[0]})") from None
+        node = result
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"-o {item!r}: empty part in key {key!r}")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"-o {item!r}: {part} is given a value and a sub-key at once")
+        node[parts[-1]] = value
+    return result
+
+
+@dataclass
+class DetectionConfig:
+    """A loaded config: its file, overrides, and a snapshot of the merged values."""
+    path: str
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    values: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def architecture(self) -> str:
+        return self.values["architecture"]
+
+    @property
+    def deploy(self) -> bool:
+        return bool(self.values.get("deploy", False))
+
+    @property
+    def weights(self) -> Optional[str]:
+        return self.values.get("weights") or None
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def activate(self):
+        """Load this config into ppdet's global config (for ``create``); returns it."""
+        ws = _workspace()
+        _reset_ppdet_config()
+        ws.load_config(self.path)
+        ws.merge_config(copy.deepcopy(self.overrides))
+        return ws.global_config
+
+    def input_size(self) -> List[int]:
+        """``[H, W]`` of the exported input: TestReader's image_shape, else eval_size, else 640."""
+        shape = (self.get("TestReader") or {}).get("inputs_def", {}).get("image_shape")
+        if shape and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape[1:]):
+            return [int(shape[1]), int(shape[2])]
+        size = self.get("eval_size")
+        return [int(size[0]), int(size[1])] if size else [640, 640]
+
+
+def load_config(path: str, overrides: Optional[Sequence[str]] = None) -> DetectionConfig:
+    """Read a PaddleDetection YAML config (with ``_BASE_``) and ``-o`` overrides.
+
+    Raises:
+        ConfigError: file missing, not YAML, no ``architecture``, or an
+            architecture ppdet does not know.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    if os.path.splitext(path)[1] not in (".yml", ".yaml"):
+        raise ConfigError(f"{path}: a config is a .yml/.yaml file")
+    try:
+        with open(path) as f:
+            yaml.load(f, Loader=yaml.BaseLoader)  # syntax only: ppdet's tags are resolved by ppdet
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    parsed = parse_overrides(overrides or [])
+    config = DetectionConfig(path, parsed)
+    ws = _workspace()
+    try:
+        g = config.activate()
+    except ConfigError:
+        raise
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: a file it includes (_BASE_) is missing: {exc.filename}") from None
+    except Exception as exc:  # ppdet raises assorted errors for bad configs
+        raise ConfigError(f"{path}: ppdet could not read it: {type(exc).__name__}: {exc}") from None
+    values = {}
+    for key, value in g.items():
+        values[key] = copy.deepcopy(dict(value)) if isinstance(value, ws.SchemaDict) else value
+    config.values = values
+    arch = values.get("architecture")
+    if not arch:
+        raise ConfigError(f"{path}: no 'architecture' key (e.g. architecture: PPYOLOE); is this a "
+                          "PaddleDetection model config?")
+    if not isinstance(g.get(arch), ws.SchemaDict):
+        raise ConfigError(f"{path}: architecture '{arch}' is not known to ppdet; check the spelling "
+                          f"(e.g. {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return config
+
+
+def build_training_model(config: DetectionConfig) -> nn.Layer:
+    """The model as ppdet builds it (training form, ppdet's initial weights), in eval mode."""
+    ws = _workspace()
+    config.activate()
+    try:
+        model = ws.create(config.architecture)
+    except Exception as exc:
+        raise ConfigError(f"{config.path}: ppdet could not build '{config.architecture}': "
+                          f"{type(exc).__name__}: {exc}") from None
+    model.eval()
+    return model
+
+
+@dataclass
+class BuiltModel:
+    """What :func:`build_model` made.
+
+    ``model`` is in the form the config asks for; ``training_model`` is the
+    training form with the same weights (None when the weights were already
+    deployed); ``weights_form`` is ``train``, ``deploy`` or ``random``.
+    """
+    model: nn.Layer
+    training_model: Optional[nn.Layer]
+    weights_form: str
+    conversion: Optional[ConversionReport] = None
+
+
+def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], source: str,
+                    training_model: nn.Layer) -> str:
+    """``train`` or ``deploy``: which form's keys the checkpoint has; else a CheckpointError naming keys."""
+    train_mismatch = checkpoint.key_mismatch(training_model, state)
+    if not any(train_mismatch.values()):
+        return "train"
+    deploy_model = convert(training_model).model
+    deploy_mismatch = checkpoint.key_mismatch(deploy_model, state)
+    if not any(deploy_mismatch.values()):
+        return "deploy"
+    t = sum(map(len, train_mismatch.values()))
+    d = sum(map(len, deploy_mismatch.values()))
+    form, mismatch = ("training", train_mismatch) if t <= d else ("deploy", deploy_mismatch)
+    raise CheckpointError(f"{source}: does not fit {config.name} (closest to its {form} form): "
+                          f"{checkpoint.describe_mismatch(mismatch)}; use the config the checkpoint was "
+                          "trained with")
+
+
+def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: Optional[bool] = None,
+                seed: int = 0) -> BuiltModel:
+    """Build the model of ``config`` with its weights, in deploy form when ``deploy: true``.
+
+    Args:
+        config: from :func:`load_config`.
+        weights: checkpoint path; default ``config.weights``; none -> random
+            weights with randomized BatchNorm statistics (seeded).
+        deploy: override the config's ``deploy`` key.
+        seed: seed of the random weights.
+    """
+    deploy = config.deploy if deploy is None else deploy
+    weights = weights if weights is not None else config.weights
+    paddle.seed(seed)
+    training_model = build_training_model(config)
+    if not weights:
+        layers.randomize(training_model, seed)
+        form = "random"
+    else:
+        path = weights if weights.endswith(".pdparams") or os.path.exists(weights) else weights + ".pdparams"
+        state = checkpoint.safe_load(path)
+        form = checkpoint_form(config, state, path, training_model)
+        if form == "deploy":
+            if not deploy:
+                raise CheckpointError(f"{path}: is a deploy checkpoint (written by ppfuse export); load it "
+                                      "with deploy: true (-o deploy=true)")
+            model = convert(training_model, inplace=True).model
+            checkpoint.load_strict(model, state, path)
+            return BuiltModel(model, None, form)
+        checkpoint.load_strict(training_model, state, path)
+    if not deploy:
+        return BuiltModel(training_model, training_model, form)
+    report = convert(training_model)
+    return BuiltModel(report.model, training_model, form, report)

@@ -1,0 +1,37 @@
+"""Exceptions of ppfuse.
+
+Every message says where (a layer path, a file, a key), what is wrong, and how
+to fix it. Command lines print the message as one line and exit non-zero.
+"""
+
+
+class PPFuseError(Exception):
+    """Base of every error ppfuse raises on purpose."""
+
+
+class KernelError(PPFuseError, ValueError):
+    """Kernel shapes or sizes that a transform cannot combine."""
+
+
+class ConversionError(PPFuseError):
+    """A layer cannot be converted (training mode, bad statistics, unsupported form)."""
+
+
+class VerificationError(PPFuseError):
+    """The converted model's outputs differ from the original's beyond tolerance."""
+
+
+class ConfigError(PPFuseError):
+    """A config file or override that cannot be used."""
+
+
+class CheckpointError(PPFuseError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class ExportError(PPFuseError):
+    """Writing an exported model failed."""
+
+
+class InferenceError(PPFuseError):
+    """Paddle Inference cannot run as asked (device, precision, input)."""

@@ -1,0 +1,280 @@
+"""Export a PP-YOLOE-style detector for Paddle Inference.
+
+ppdet 2.6.0's own export does not run on Paddle 3.x (PIR): ``to_static``
+needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
+``_prune_input_spec`` returns ``{}``. ppfuse owns this small path instead:
+
+1. wrap the model as ``(image, scale_factor) -> (bbox [K, 6], bbox_num [N])``
+   (or the raw ``(boxes, scores)`` before NMS), NMS by ``multiclass_nms3``;
+2. trace it with ``paddle.jit.to_static(full_graph=True)``, writing nearest
+   x2 upsampling as reshape+expand+reshape -- bit-exact, and the form
+   Paddle Inference's oneDNN path runs (its ``nearest_interp`` fails there);
+3. write ``model.json``/``model.pdiparams``, ``infer_cfg.yml`` (the format of
+   PaddleDetection's ``deploy/python/infer.py``), the deploy checkpoint and a
+   report, into a temporary directory moved into place only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from . import checkpoint
+from .detection import BuiltModel, DetectionConfig, build_model
+from .errors import ConfigError, ExportError
+from .verify import VerificationResult, verify
+
+MODEL_FILE = "model"
+DEPLOY_CHECKPOINT = "model_deploy.pdparams"
+REPORT_FILE = "ppfuse_report.json"
+COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "if", "nearest_interp", "multiclass_nms3")
+
+# whole-model tolerance of the export check: boxes are in pixels, scores in [0, 1]
+DEFAULT_ATOL = 1e-3
+DEFAULT_RTOL = 1e-4
+
+
+class DetectorForInference(nn.Layer):
+    """``(image, scale_factor)`` -> ``(bbox, bbox_num)`` after NMS, or ``(boxes, scores)`` before it.
+
+    ``bbox`` rows are ``[class, score, x1, y1, x2, y2]`` in original-image
+    pixels, as ppdet's exported models give them.
+    """
+
+    def __init__(self, model: nn.Layer, with_nms: bool = True):
+        super().__init__()
+        for part in ("backbone", "neck", "yolo_head"):
+            if not hasattr(model, part):
+                raise ConfigError(f"{type(model).__name__} has no '{part}'; ppfuse exports PP-YOLOE-style "
+                                  "detectors (backbone, neck, yolo_head)")
+        self.model = model
+        self.with_nms = with_nms
+
+    def raw_outputs(self, image, scale_factor):
+        from ppdet.modeling.bbox_utils import batch_distance2bbox
+        model = self.model
+        feats = model.backbone({"image": image})
+        feats = model.neck(feats, getattr(model, "for_mot", False))
+        scores, distances, anchor_points, stride_tensor = model.yolo_head(feats)
+        boxes = batch_distance2bbox(anchor_points, distances) * stride_tensor
+        scale_y, scale_x = paddle.split(scale_factor, 2, axis=-1)
+        scale = paddle.concat([scale_x, scale_y, scale_x, scale_y], axis=-1).reshape([-1, 1, 4])
+        return boxes / scale, scores
+
+    def forward(self, image, scale_factor):
+        boxes, scores = self.raw_outputs(image, scale_factor)
+        if not self.with_nms:
+            return boxes, scores
+        nms = self.model.yolo_head.nms
+        bbox, _, bbox_num = paddle._C_ops.multiclass_nms3(
+            boxes, scores, None, nms.score_threshold, nms.nms_top_k, nms.keep_top_k, nms.nms_threshold,
+            nms.normalized, nms.nms_eta, -1)
+        return bbox, bbox_num
+
+
+def nearest_upsample(x, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
+                     data_format="NCHW", name=None):
+    """``F.interpolate`` with nearest x-integer upsampling written as reshape+expand+reshape.
+
+    ``out[i, j] = in[i // s, j // s]`` exactly, so the result is bit-identical;
+    anything else goes to ``F.interpolate`` unchanged.
+    """
+    factor = scale_factor
+    if isinstance(factor, (list, tuple)) and len(set(factor)) == 1:
+        factor = factor[0]
+    if (mode != "nearest" or size is not None or data_format != "NCHW" or not isinstance(factor, (int, float))
+            or float(factor) != int(factor) or int(factor) < 1):
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
+                             align_mode=align_mode, data_format=data_format, name=name)
+    s = int(factor)
+    y = x.unsqueeze([3, 5]).expand([-1, -1, -1, s, -1, s]) if s > 1 else x
+    return y.flatten(4, 5).flatten(2, 3) if s > 1 else y
+
+
+class _FunctionalWithExactUpsample:
+    """``paddle.nn.functional`` with ``interpolate`` replaced by :func:`nearest_upsample`."""
+
+    interpolate = staticmethod(nearest_upsample)
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+@contextlib.contextmanager
+def onednn_friendly_upsample():
+    """While tracing, make ppdet's necks call :func:`nearest_upsample` for ``F.interpolate``."""
+    import importlib
+    patched = []
+    for module_name in ("ppdet.modeling.necks.custom_pan", "ppdet.modeling.necks.yolo_fpn"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if getattr(module, "F", None) is F:
+            module.F = _FunctionalWithExactUpsample()
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.F = F
+
+
+def input_spec(size: List[int]) -> List[paddle.static.InputSpec]:
+    return [paddle.static.InputSpec([None, 3, size[0], size[1]], "float32", "image"),
+            paddle.static.InputSpec([None, 2], "float32", "scale_factor")]
+
+
+def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True) -> None:
+    """Trace ``model`` (a PP-YOLOE-style detector in eval mode) and ``paddle.jit.save`` it."""
+    wrapper = DetectorForInference(model, with_nms)
+    wrapper.eval()
+    with onednn_friendly_upsample():
+        static = paddle.jit.to_static(wrapper, input_spec=input_spec(size), full_graph=True)
+        paddle.jit.save(static, path_prefix)
+
+
+def program_file(model_dir: str) -> str:
+    for name in (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            return path
+    raise ExportError(f"{model_dir}: no {MODEL_FILE}.json or {MODEL_FILE}.pdmodel; is this an exported model "
+                      "directory?")
+
+
+def count_ops(model_dir: str) -> Dict[str, int]:
+    """Op counts of a saved PIR program (``model.json``), ops inside ``if``/loop regions included.
+
+    Names lose their dialect prefix and the trailing ``_`` of in-place variants
+    (``pd_op.batch_norm_`` counts as ``batch_norm``).
+    """
+    path = program_file(model_dir)
+    if not path.endswith(".json"):
+        return {}
+    with open(path) as f:
+        program = json.load(f)
+    counts: Counter = Counter()
+
+    def walk_regions(regions):
+        for region in regions or []:
+            for block in region.get("blocks", []):
+                for op in block.get("ops", []):
+                    counts[op["#"].split(".")[-1].rstrip("_")] += 1
+                    walk_regions(op.get("regions"))
+    walk_regions(program["program"]["regions"])
+    return dict(counts)
+
+
+def sample_inputs(size: List[int], batch: int = 1, seed: int = 0):
+    """Generated images in [0, 1] at the export size, and scale factors of 1."""
+    rng = np.random.RandomState(seed)
+    image = paddle.to_tensor(rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"))
+    scale = paddle.to_tensor(np.ones((batch, 2), "float32"))
+    return image, scale
+
+
+def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
+                    rtol: float = DEFAULT_RTOL, seed: int = 0) -> VerificationResult:
+    """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image."""
+    original = DetectorForInference(training_model, with_nms=False)
+    converted = DetectorForInference(deployed, with_nms=False)
+    image, scale = sample_inputs(size, 1, seed)
+    return verify(original, converted, [(image, scale)], atol=atol, rtol=rtol, what="deployed model",
+                  output_names=lambda out: {"boxes": out[0], "scores": out[1]})
+
+
+@dataclass
+class ExportResult:
+    directory: str
+    built: BuiltModel
+    verification: Optional[VerificationResult]
+    op_counts: Dict[str, int]
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.Layer) -> None:
+    from ppdet.engine.export_utils import _dump_infer_config
+    config.activate()
+    if config.architecture not in ("PPYOLOE", "YOLOv3", "PPYOLOEWithAuxHead"):
+        raise ConfigError(f"{config.path}: architecture {config.architecture} is not exported by ppfuse")
+    from ppdet.core.workspace import global_config
+    _dump_infer_config(global_config, path, [None, 3] + list(size), model)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str):
+    """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole."""
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ppfuse-tmp-", dir=parent)
+    except OSError as exc:
+        raise ExportError(f"{parent}: cannot write the export there ({exc.strerror}); choose another "
+                          "--output_dir") from None
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=".ppfuse-old-", dir=parent)
+            os.rename(target, os.path.join(old, "previous"))
+        os.rename(tmp, target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = None, seed: int = 0,
+           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, with_nms: bool = True,
+           log=print) -> ExportResult:
+    """Build, convert, verify and write ``output_dir/<config name>/``; all files or none.
+
+    Raises:
+        VerificationError: the deployed model differs beyond tolerance (nothing written).
+        ConfigError, CheckpointError, ConversionError, ExportError: as named.
+    """
+    timings = {}
+    size = config.input_size()
+    start = time.perf_counter()
+    built = build_model(config, weights=weights, deploy=True, seed=seed)
+    timings["build_and_convert"] = time.perf_counter() - start
+    verification = None
+    if built.training_model is not None:
+        start = time.perf_counter()
+        verification = verify_deployed(built.training_model, built.model, size, atol, rtol, seed)
+        timings["verify"] = time.perf_counter() - start
+        log(f"verified against the training form: {verification.summary()}")
+    else:
+        log("weights are already deployed: no training form to verify against")
+    target = os.path.join(output_dir, config.name)
+    start = time.perf_counter()
+    with atomic_directory(target) as tmp:
+        save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms)
+        _infer_cfg(config, os.path.join(tmp, "infer_cfg.yml"), size, built.model)
+        checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
+        ops = count_ops(tmp)
+        report = {
+            "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
+            "weights_form": built.weights_form, "input_size": size, "with_nms": with_nms,
+            "conversion": built.conversion.to_dict() if built.conversion else None,
+            "verification": verification.to_dict() if verification else None,
+            "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
+            "paddle": paddle.__version__,
+        }
+        with open(os.path.join(tmp, REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=2)
+    timings["save"] = time.perf_counter() - start
+    return ExportResult(target, built, verification, ops, timings)

@@ -1,0 +1,87 @@
+"""Converters for PaddleDetection's own layers, registered on import.
+
+A model built by ppdet needs no code change: its ``RepVggBlock`` and
+``MobileOneBlock`` are converted with ppfuse's math (not ppdet's
+``convert_to_deploy``, which pads 1x1 kernels with a hard-coded ``[1,1,1,1]``
+and tests ``if self.alpha:``), and its ``ConvBNLayer`` / ``ConvNormLayer``
+declare which conv feeds which BatchNorm. Blocks are changed in place into
+ppdet's own deploy layout (``conv.weight``/``conv.bias``; MobileOne's
+``conv1``/``conv2``), so ppdet's ``forward`` takes its deploy path.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import paddle
+
+from . import kernels, layers
+from .blocks import RepParamMixin, repvgg_kernel_bias
+from .convert import Rewrite, Site, register_conv_bn, register_converter
+
+from ppdet.modeling.backbones.cspresnet import ConvBNLayer as CSPConvBNLayer
+from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
+from ppdet.modeling.backbones.mobileone import MobileOneBlock
+from ppdet.modeling.layers import ConvNormLayer
+
+
+def _ppdet_alpha(block) -> Optional[paddle.Tensor]:
+    # ppdet's forward runs `if self.alpha:` -- a tensor's truth value -- so an
+    # alpha of exactly 0 computes conv1 + conv2 there. Convert what ppdet's
+    # layer computes, not what it meant.
+    alpha = getattr(block, "alpha", None)
+    if alpha is None or float(alpha.reshape([-1])[0]) == 0.0:
+        return None
+    return alpha
+
+
+def convert_ppdet_repvgg(block: PPDetRepVggBlock, site: Site) -> Optional[List[Rewrite]]:
+    if hasattr(block, "conv"):
+        return None
+    kernel, bias = repvgg_kernel_bias(block, block.conv1, block.conv2, None, _ppdet_alpha(block), site.where)
+    template = block.conv1.conv
+    new_conv = layers.make_conv(kernel, bias, stride=template._stride, padding=1)
+    folded = [block.conv1.bn, block.conv2.bn]
+
+    def apply():
+        block.conv = new_conv
+        for name in ("conv1", "conv2", "alpha"):
+            if hasattr(block, name):
+                delattr(block, name)
+        block.alpha = None
+    return [Rewrite(site.where, "ppdet.RepVggBlock", apply, folded)]
+
+
+def convert_mobileone(block: MobileOneBlock, site: Site) -> Optional[List[Rewrite]]:
+    """MobileOne: ``act(pw(act(dw(x))))`` with each of dw, pw a sum of branches."""
+    if hasattr(block, "conv1") and hasattr(block, "conv2"):
+        return None
+    where, mixin = site.where, RepParamMixin
+    k = block.kernel_size
+    depthwise = [mixin._fuse_bn_tensor(block, b, where=f"{where}.depth_conv.{i}") for i, b in
+                 enumerate(block.depth_conv)]
+    scale_kernel, scale_bias = mixin._fuse_bn_tensor(block, block.rbr_1x1, where=f"{where}.rbr_1x1")
+    depthwise.append((mixin._pad_1x1_to_3x3_tensor(block, scale_kernel, k), scale_bias))
+    if block.rbr_identity_st1 is not None:
+        depthwise.append(mixin._fuse_bn_tensor(block, block.rbr_identity_st1, kernel_size=k,
+                                               groups=block.ch_in, where=f"{where}.rbr_identity_st1"))
+    pointwise = [mixin._fuse_bn_tensor(block, b, where=f"{where}.point_conv.{i}") for i, b in
+                 enumerate(block.point_conv)]
+    if block.rbr_identity_st2 is not None:
+        pointwise.append(mixin._fuse_bn_tensor(block, block.rbr_identity_st2, kernel_size=1,
+                                               where=f"{where}.rbr_identity_st2"))
+    conv1 = layers.conv_like(block.depth_conv[0].conv, *kernels.merge_parallel(depthwise))
+    conv2 = layers.conv_like(block.point_conv[0].conv, *kernels.merge_parallel(pointwise))
+    folded = [sub for sub in block.sublayers() if layers.is_batch_norm(sub)]
+
+    def apply():
+        block.conv1, block.conv2 = conv1, conv2
+        for name in ("depth_conv", "point_conv", "rbr_1x1", "rbr_identity_st1", "rbr_identity_st2"):
+            if hasattr(block, name):
+                delattr(block, name)
+    return [Rewrite(where, "ppdet.MobileOneBlock", apply, folded)]
+
+
+register_converter(PPDetRepVggBlock, convert_ppdet_repvgg)
+register_converter(MobileOneBlock, convert_mobileone)
+register_conv_bn(CSPConvBNLayer, "conv", "bn")
+register_conv_bn(ConvNormLayer, "conv", "norm")

@@ -1,0 +1,131 @@
+"""Equivalence check: run two models on the same inputs and compare every output.
+
+Used by the tests and by export, which refuses to write a model whose
+outputs differ from the training form beyond tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import paddle
+
+from .errors import VerificationError
+
+
+@dataclass
+class OutputError:
+    """How far one output of the candidate is from the reference's."""
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float       # max |a - b| / max |b|: error relative to the output's scale
+    worst_ratio: float   # max |a - b| / (atol + rtol |b|): > 1 fails np.allclose-style
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+
+@dataclass
+class VerificationResult:
+    outputs: List[OutputError]
+    atol: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def summary(self) -> str:
+        rows = [f"  {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}"
+                f"{'' if o.ok else '  <-- above tolerance'}" for o in self.outputs]
+        return (f"max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
+                f"(atol {self.atol:g}, rtol {self.rtol:g})\n" + "\n".join(rows))
+
+    def to_dict(self) -> dict:
+        return {"atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "outputs": [vars(o) | {"shape": list(o.shape)} for o in self.outputs]}
+
+
+def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:
+    """Tensors of a nested output (tensor, list, tuple, dict) as ``{path: array}``."""
+    if isinstance(out, paddle.Tensor):
+        return {prefix: out.numpy()}
+    if isinstance(out, np.ndarray):
+        return {prefix: out}
+    if isinstance(out, dict):
+        items = out.items()
+    elif isinstance(out, (list, tuple)):
+        items = enumerate(out)
+    elif out is None:
+        return {}
+    else:
+        return {}
+    flat = {}
+    for key, value in items:
+        flat.update(flatten_outputs(value, f"{prefix}.{key}"))
+    return flat
+
+
+def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
+            atol: float, rtol: float) -> VerificationResult:
+    """Compare two ``{name: array}`` sets output by output."""
+    if reference.keys() != candidate.keys():
+        raise VerificationError(f"outputs differ: reference has {sorted(reference)}, candidate {sorted(candidate)}")
+    rows = []
+    for name, ref in reference.items():
+        got = candidate[name]
+        if ref.shape != got.shape:
+            raise VerificationError(f"output {name}: shape {list(got.shape)} differs from the reference's "
+                                    f"{list(ref.shape)}")
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(ref64 - got64)
+        if diff.size == 0:
+            rows.append(OutputError(name, ref.shape, 0.0, 0.0, 0.0))
+            continue
+        if not np.isfinite(got64).all() and np.isfinite(ref64).all():
+            rows.append(OutputError(name, ref.shape, float("inf"), float("inf"), float("inf")))
+            continue
+        scale = float(np.abs(ref64).max()) or 1.0
+        rows.append(OutputError(name, ref.shape, float(diff.max()), float(diff.max()) / scale,
+                                float((diff / (atol + rtol * np.abs(ref64))).max())))
+    return VerificationResult(rows, atol, rtol)
+
+
+def verify(original: Callable, converted: Callable, inputs: List[Any], atol: float = 1e-5,
+           rtol: float = 1e-5, what: str = "converted model", raise_on_error: bool = True,
+           output_names: Optional[Callable[[Any], Any]] = None) -> VerificationResult:
+    """Run ``original`` and ``converted`` on each of ``inputs`` and compare all outputs.
+
+    Args:
+        original, converted: callables (usually layers in eval mode).
+        inputs: a list of argument tuples (or single arguments) to call both with.
+        atol, rtol: tolerance, as ``np.allclose``: ``|a - b| <= atol + rtol |b|``.
+        what: named in the error message.
+        raise_on_error: raise :class:`VerificationError` above tolerance.
+        output_names: optional function mapping a raw output to the structure compared.
+
+    Returns:
+        A :class:`VerificationResult` with the max abs / rel error per output.
+    """
+    pick = output_names or (lambda out: out)
+    reference, candidate = {}, {}
+    with paddle.no_grad():
+        for i, args in enumerate(inputs):
+            args = args if isinstance(args, tuple) else (args,)
+            reference.update(flatten_outputs(pick(original(*args)), f"input{i}"))
+            candidate.update(flatten_outputs(pick(converted(*args)), f"input{i}"))
+    result = compare(reference, candidate, atol, rtol)
+    if raise_on_error and not result.ok:
+        raise VerificationError(f"{what} differs from the original beyond tolerance: {result.summary()}")
+    return result

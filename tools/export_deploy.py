@@ -1,0 +1,46 @@
+"""Export a PaddleDetection config's model in deploy form for Paddle Inference.
+
+    python tools/export_deploy.py -c configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml \
+        [-o weights=PATH key=value ...] [--output_dir output_inference]
+
+Builds the model, loads the weights (training or ppfuse deploy checkpoint; none
+-> random weights, for trying the tool only), converts every block, verifies
+the deployed model against the training form and writes
+``<output_dir>/<config name>/`` -- all files or none.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from ppfuse import cli  # noqa: E402
+
+
+def run(argv):
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="output_inference", help="where <config name>/ is written")
+    parser.add_argument("--atol", type=float, default=None, help="verification tolerance (absolute)")
+    parser.add_argument("--rtol", type=float, default=None, help="verification tolerance (relative)")
+    parser.add_argument("--no_nms", action="store_true", help="export raw (boxes, scores) without NMS")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
+    args = parser.parse_args(argv)
+
+    from ppfuse import detection, export
+    config = detection.load_config(args.config, args.opt)
+    if not config.weights:
+        print("WARNING: no weights given (-o weights=PATH): exporting RANDOM weights with randomized "
+              "BatchNorm statistics. The result only shows the tool working; it detects nothing.",
+              file=sys.stderr)
+    tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, **tolerance)
+    conversion = result.built.conversion
+    if conversion is not None:
+        print(conversion.summary().splitlines()[0])
+    counts = {op: result.op_counts.get(op, 0) for op in ("conv2d", "batch_norm", "add", "if")}
+    print("saved program ops: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"wrote {result.directory}/ (" + ", ".join(sorted(os.listdir(result.directory))) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))
