@@ -89,8 +89,8 @@ class RepParamMixin:
         if layers.is_batch_norm(branch):
             return layers.bn_as_kernel(branch, where, groups=groups, kernel_size=kernel_size)
         # ppdet names the BN `bn` in ConvBNLayer and `norm` in ConvNormLayer
-        bn = branch.bn if hasattr(branch, "bn") else branch.norm
-        return layers.fold_conv_bn(branch.conv, bn, where)
+        bn_name = "bn" if hasattr(branch, "bn") else "norm"
+        return layers.fold_conv_bn(branch.conv, getattr(branch, bn_name), f"{where}.{bn_name}")
 
     def _pad_1x1_to_3x3_tensor(self, kernel: paddle.Tensor, size=3) -> paddle.Tensor:
         """Centre a small kernel (1x1, 1x3, 3x1) in a ``size`` kernel (3x3 by default)."""

@@ -118,9 +118,12 @@ def _fold_pair_rewrite(parent: nn.Layer, conv_name: str, bn_name: str, where: st
     kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, _join(where, bn_name))
     new_conv = layers.conv_like(conv_layer, kernel, bias)
 
+    identity = nn.Identity()
+    identity.eval()
+
     def apply():
         setattr(parent, conv_name, new_conv)
-        setattr(parent, bn_name, nn.Identity())
+        setattr(parent, bn_name, identity)
     return Rewrite(_join(where, conv_name), "conv+bn", apply, [bn_layer])
 
 

@@ -141,6 +141,7 @@ def make_conv(kernel: paddle.Tensor, bias: paddle.Tensor, stride=1, padding=0, d
                padding=padding, dilation=dilation, groups=groups, **kwargs)
     _set_param(conv, "weight", kernel)
     _set_param(conv, "bias", bias)
+    conv.eval()  # it replaces layers of a model in eval mode
     return conv
 
 

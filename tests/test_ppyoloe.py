@@ -1,0 +1,149 @@
+"""PP-YOLOE+ s end to end: conversion of the whole model, export, checkpoints, Paddle Inference.
+
+Built by ppdet from configs/ppyoloe/ppyoloe_plus_crn_s_320_test.yml with random
+weights, randomized BatchNorm statistics and alpha != 1. Whole-model tolerance
+on the raw detector outputs (boxes in pixels of a 320x320 image, scores in
+[0, 1]): boxes atol 1e-3 px, scores atol 1e-5, rtol 1e-4 -- measured max
+errors are ~1e-4 px and ~1e-8 (printed by `pytest -s`).
+"""
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+from ppfuse import CheckpointError, checkpoint, detection, export, inference, layers
+
+CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
+SIZE = [320, 320]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return detection.load_config(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def built(config):
+    return detection.build_model(config, deploy=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return export.sample_inputs(SIZE, batch=2, seed=5)
+
+
+def raw(model, inputs):
+    with paddle.no_grad():
+        boxes, scores = export.DetectorForInference(model, with_nms=False)(*inputs)
+    return boxes.numpy(), scores.numpy()
+
+
+def assert_detector_close(actual, expected):
+    np.testing.assert_allclose(actual[0], expected[0], atol=1e-3, rtol=1e-4)  # boxes, pixels
+    np.testing.assert_allclose(actual[1], expected[1], atol=1e-5, rtol=1e-4)  # scores
+
+
+def test_config_is_deploy_and_alpha_is_randomized(config, built):
+    assert config.deploy and config.architecture == "PPYOLOE" and config.input_size() == SIZE
+    alphas = [float(p) for n, p in built.training_model.named_parameters() if n.endswith("alpha")]
+    assert alphas and all(abs(a - 1.0) > 0.1 for a in alphas)
+
+
+def test_whole_model_has_no_batch_norm_and_no_branches(built):
+    from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
+    model = built.model
+    assert not [n for n, s in model.named_sublayers() if layers.is_batch_norm(s)]
+    blocks = [s for s in model.sublayers() if isinstance(s, PPDetRepVggBlock)]
+    assert blocks and all(hasattr(b, "conv") and not hasattr(b, "conv1") for b in blocks)
+    report = built.conversion
+    assert report.counts["ppdet.RepVggBlock"] == len(blocks) and not report.remaining_batch_norms
+    training_bns = [s for s in built.training_model.sublayers() if layers.is_batch_norm(s)]
+    assert report.batch_norms_folded == len(training_bns)
+
+
+def test_whole_model_outputs_match_training_form(built, inputs):
+    expected = raw(built.training_model, inputs)
+    got = raw(built.model, inputs)
+    print(f"\nPP-YOLOE+ s 320: max abs error boxes {np.abs(got[0] - expected[0]).max():.3g} px, "
+          f"scores {np.abs(got[1] - expected[1]).max():.3g}")
+    assert_detector_close(got, expected)
+    assert np.std(expected[1]) > 1e-4, "scores are all alike: the comparison would prove little"
+
+
+@pytest.fixture(scope="module")
+def exported(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    result = export.export(config, str(out), seed=0, log=lambda *_: None)
+    raw_result = export.export(config, str(out / "raw"), seed=0, with_nms=False, log=lambda *_: None)
+    return result, raw_result
+
+
+def test_export_writes_every_file_and_a_clean_program(exported):
+    result, _ = exported
+    names = sorted(os.listdir(result.directory))
+    assert names == ["infer_cfg.yml", "model.json", "model.pdiparams", "model_deploy.pdparams",
+                     "ppfuse_report.json"]
+    ops = result.op_counts
+    assert ops.get("batch_norm", 0) == 0 and ops.get("if", 0) == 0 and ops.get("nearest_interp", 0) == 0
+    assert ops["conv2d"] > 50
+    assert not [n for n in os.listdir(os.path.dirname(result.directory)) if n.startswith(".ppfuse")]
+
+
+def test_paddle_inference_matches_training_form(built, exported, inputs):
+    """Default (fastest) CPU settings: oneDNN on, constant folding deleted."""
+    _, raw_result = exported
+    predictor = inference.create_predictor(raw_result.directory)
+    got = inference.run(predictor, {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()})
+    expected = raw(built.training_model, inputs)
+    assert_detector_close(got, expected)
+
+
+def test_paddle_inference_nms_detections_match_dygraph(built, exported, inputs):
+    result, _ = exported
+    image, scale = inputs[0][:1], inputs[1][:1]
+    with paddle.no_grad():
+        bbox, num = export.DetectorForInference(built.training_model)(image, scale)
+    for options in (inference.PredictorOptions(), inference.PredictorOptions(delete_passes=[]),
+                    inference.PredictorOptions(onednn=False)):
+        got_bbox, got_num = inference.run(inference.create_predictor(result.directory, options),
+                                          {"image": image.numpy(), "scale_factor": scale.numpy()})
+        np.testing.assert_array_equal(got_num, num.numpy())
+        np.testing.assert_array_equal(got_bbox[:, 0], bbox.numpy()[:, 0])
+        np.testing.assert_allclose(got_bbox[:, 1:], bbox.numpy()[:, 1:], atol=1e-3, rtol=1e-4)
+
+
+def test_deploy_checkpoint_loads_with_deploy_true(config, exported, built, inputs):
+    result, _ = exported
+    ckpt = os.path.join(result.directory, export.DEPLOY_CHECKPOINT)
+    loaded = detection.build_model(config, weights=ckpt, deploy=True)
+    assert loaded.weights_form == "deploy" and loaded.training_model is None
+    np.testing.assert_array_equal(raw(loaded.model, inputs)[1], raw(built.model, inputs)[1])
+    with pytest.raises(CheckpointError, match="is a deploy checkpoint.*deploy: true"):
+        detection.build_model(config, weights=ckpt, deploy=False)
+
+
+def test_export_from_a_training_checkpoint(config, built, inputs, tmp_path):
+    ckpt = str(tmp_path / "trained.pdparams")
+    checkpoint.save_state(built.training_model, ckpt)
+    config_with_weights = detection.load_config(CONFIG, [f"weights={ckpt}"])
+    result = export.export(config_with_weights, str(tmp_path / "out"), log=lambda *_: None)
+    assert result.built.weights_form == "train" and result.verification.ok
+    assert_detector_close(raw(result.built.model, inputs), raw(built.training_model, inputs))
+
+
+def test_mismatched_checkpoints_name_the_keys(config, built, tmp_path):
+    state = {k: v.numpy() for k, v in built.training_model.state_dict().items()}
+    key = "backbone.stem.conv1.conv.weight"
+    bad_shape = dict(state)
+    bad_shape[key] = np.zeros([1, 2, 3], "float32")
+    missing = dict(state)
+    del missing["yolo_head.pred_cls.0.bias"]
+    for name, broken, pattern in (("shape", bad_shape, r"1 mis-shaped keys: backbone\.stem\.conv1\.conv\.weight "
+                                                       r"\(checkpoint \[1, 2, 3\]"),
+                                  ("missing", missing, r"1 missing keys: yolo_head\.pred_cls\.0\.bias")):
+        path = str(tmp_path / f"{name}.pdparams")
+        paddle.save(broken, path)
+        with pytest.raises(CheckpointError, match=pattern):
+            detection.build_model(config, weights=path)
