@@ -31,9 +31,10 @@ def base_parser(description: str, config: bool = True) -> argparse.ArgumentParse
 
 
 def quiet_libraries() -> None:
+    """Keep Paddle's and ppdet's log lines (warnings about absent COCO files and the like) off screen."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     warnings.filterwarnings("ignore")
-    logging.getLogger("ppdet").setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
 
 
 def main(run: Callable[[List[str]], int], argv: Optional[List[str]] = None) -> int:
@@ -52,3 +53,5 @@ def main(run: Callable[[List[str]], int], argv: Optional[List[str]] = None) -> i
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        logging.disable(logging.NOTSET)

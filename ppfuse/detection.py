@@ -219,7 +219,7 @@ def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], sourc
 
 
 def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: Optional[bool] = None,
-                seed: int = 0) -> BuiltModel:
+                seed: int = 0, strict: bool = False) -> BuiltModel:
     """Build the model of ``config`` with its weights, in deploy form when ``deploy: true``.
 
     Args:
@@ -228,6 +228,7 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
             weights with randomized BatchNorm statistics (seeded).
         deploy: override the config's ``deploy`` key.
         seed: seed of the random weights.
+        strict: fail when the conversion would leave any BatchNorm unfolded.
     """
     deploy = config.deploy if deploy is None else deploy
     weights = weights if weights is not None else config.weights
@@ -250,5 +251,5 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
         checkpoint.load_strict(training_model, state, path)
     if not deploy:
         return BuiltModel(training_model, training_model, form)
-    report = convert(training_model)
+    report = convert(training_model, strict=strict)
     return BuiltModel(report.model, training_model, form, report)

@@ -30,7 +30,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, layers
 from .detection import BuiltModel, DetectionConfig, build_model
 from .errors import ConfigError, ExportError
 from .verify import VerificationResult, verify
@@ -215,16 +215,25 @@ def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.La
 
 @contextlib.contextmanager
 def atomic_directory(target: str):
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole."""
+    """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
+
+    On any failure the temporary directory is removed and ``target`` (a
+    previous export, say) is left as it was.
+    """
     parent = os.path.dirname(os.path.abspath(target))
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".ppfuse-tmp-", dir=parent)
+        os.chmod(tmp, 0o755)
     except OSError as exc:
         raise ExportError(f"{parent}: cannot write the export there ({exc.strerror}); choose another "
                           "--output_dir") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            raise ExportError(f"{target}: writing failed ({exc.strerror or exc}: {exc.filename or ''}); "
+                              "nothing was written and any previous export there is untouched") from None
         old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".ppfuse-old-", dir=parent)
@@ -239,8 +248,11 @@ def atomic_directory(target: str):
 
 def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = None, seed: int = 0,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, with_nms: bool = True,
-           log=print) -> ExportResult:
+           strict: bool = False, log=print) -> ExportResult:
     """Build, convert, verify and write ``output_dir/<config name>/``; all files or none.
+
+    Args:
+        strict: fail when any BatchNorm would stay unfolded (otherwise warn).
 
     Raises:
         VerificationError: the deployed model differs beyond tolerance (nothing written).
@@ -249,8 +261,17 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     timings = {}
     size = config.input_size()
     start = time.perf_counter()
-    built = build_model(config, weights=weights, deploy=True, seed=seed)
+    built = build_model(config, weights=weights, deploy=True, seed=seed, strict=strict)
     timings["build_and_convert"] = time.perf_counter() - start
+    left = built.conversion.remaining_batch_norms if built.conversion else {}
+    if left:
+        first = next(iter(left))
+        log(f"WARNING: {len(left)} BatchNorm left unfolded (first: {first}: {left[first]}); "
+            "--strict makes this an error")
+    overflow = layers.fp16_overflow(built.model)
+    if overflow:
+        log(f"WARNING: {len(overflow)} folded weights exceed the float16 range, first {next(iter(overflow))} "
+            f"(|w| up to {max(overflow.values()):.3g}): fp16 inference of this export will overflow")
     verification = None
     if built.training_model is not None:
         start = time.perf_counter()
@@ -272,6 +293,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "conversion": built.conversion.to_dict() if built.conversion else None,
             "verification": verification.to_dict() if verification else None,
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
+            "fp16_overflow": overflow,
             "paddle": paddle.__version__,
         }
         with open(os.path.join(tmp, REPORT_FILE), "w") as f:

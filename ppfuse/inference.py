@@ -8,7 +8,9 @@ user change each of them.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,14 +38,17 @@ class PredictorOptions:
     gpu_id: int = 0
 
 
-def _all_bn_folded(model_dir: str) -> bool:
+def export_report(model_dir: str) -> dict:
+    """The ``ppfuse_report.json`` of an export, or ``{}`` for a directory ppfuse did not write."""
     path = os.path.join(model_dir, REPORT_FILE)
     if not os.path.exists(path):
-        return False
-    import json
+        return {}
     with open(path) as f:
-        report = json.load(f)
-    return report.get("op_counts", {}).get("batch_norm", 1) == 0
+        return json.load(f)
+
+
+def _all_bn_folded(model_dir: str) -> bool:
+    return export_report(model_dir).get("op_counts", {}).get("batch_norm", 1) == 0
 
 
 def default_deleted_passes(model_dir: str, options: PredictorOptions) -> List[str]:
@@ -76,6 +81,13 @@ def create_predictor(model_dir: str, options: Optional[PredictorOptions] = None)
     """A Paddle Inference predictor for an exported directory."""
     options = options or PredictorOptions()
     check_device(options)
+    if options.precision == "fp16":
+        overflow = export_report(model_dir).get("fp16_overflow") or {}
+        if overflow:
+            name = next(iter(overflow))
+            print(f"WARNING: {len(overflow)} weights of {model_dir} exceed the float16 range (first {name}, "
+                  f"|w| up to {max(overflow.values()):.3g}); fp16 results will contain Inf/NaN -- use fp32",
+                  file=sys.stderr)
     program = program_file(model_dir)
     params = os.path.join(model_dir, MODEL_FILE + ".pdiparams")
     if not os.path.exists(params):

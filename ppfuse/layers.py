@@ -137,8 +137,10 @@ def make_conv(kernel: paddle.Tensor, bias: paddle.Tensor, stride=1, padding=0, d
     cls = CONV_BY_NDIM[ndim]
     out_channels, in_per_group = kernel.shape[0], kernel.shape[1]
     kwargs = {"data_format": data_format} if data_format else {}
+    # a constant initializer: the random default would cost more than the whole fold
+    zeros = paddle.ParamAttr(initializer=paddle.nn.initializer.Constant(0.0))
     conv = cls(in_per_group * groups, out_channels, list(kernel.shape[2:]), stride=stride,
-               padding=padding, dilation=dilation, groups=groups, **kwargs)
+               padding=padding, dilation=dilation, groups=groups, weight_attr=zeros, bias_attr=zeros, **kwargs)
     _set_param(conv, "weight", kernel)
     _set_param(conv, "bias", bias)
     conv.eval()  # it replaces layers of a model in eval mode
@@ -174,3 +176,20 @@ def randomize(model: nn.Layer, seed: int = 0) -> nn.Layer:
             low = rng.choice([0.3, 1.2])
             alpha.set_value(np.array([rng.uniform(low, low + 0.5)], "float32"))
     return model
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_overflow(model: nn.Layer) -> dict:
+    """Parameters whose values exceed the float16 range, as ``{name: max |value|}``.
+
+    Folding a BatchNorm with a tiny running variance multiplies the kernel by
+    ``gamma / sqrt(var + eps)``; in fp16 such a kernel becomes Inf.
+    """
+    found = {}
+    for name, param in model.named_parameters():
+        peak = float(paddle.abs(param).max()) if param.size else 0.0
+        if peak > FP16_MAX:
+            found[name] = peak
+    return found

@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from ppfuse import cli  # noqa: E402
 
 
+def log(message):
+    print(message, file=sys.stderr if message.startswith("WARNING") else sys.stdout)
+
+
 def run(argv):
     parser = cli.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output_inference", help="where <config name>/ is written")
@@ -23,6 +27,7 @@ def run(argv):
     parser.add_argument("--rtol", type=float, default=None, help="verification tolerance (relative)")
     parser.add_argument("--no_nms", action="store_true", help="export raw (boxes, scores) without NMS")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
+    parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
     args = parser.parse_args(argv)
 
     from ppfuse import detection, export
@@ -32,7 +37,8 @@ def run(argv):
               "BatchNorm statistics. The result only shows the tool working; it detects nothing.",
               file=sys.stderr)
     tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
-    result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, **tolerance)
+    result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, strict=args.strict,
+                           log=log, **tolerance)
     conversion = result.built.conversion
     if conversion is not None:
         print(conversion.summary().splitlines()[0])
