@@ -28,6 +28,8 @@ from . import checkpoint, layers
 from .convert import ConversionReport, convert
 from .errors import CheckpointError, ConfigError
 
+# imported lazily where ppdet is needed: importing it costs seconds
+
 SUPPORTED_ARCHITECTURES = ("PPYOLOE", "YOLOv3")
 
 
@@ -186,6 +188,52 @@ def build_training_model(config: DetectionConfig) -> nn.Layer:
     return model
 
 
+class DetectorForInference(nn.Layer):
+    """``(image, scale_factor)`` -> ``(bbox, bbox_num)`` after NMS, or ``(boxes, scores)`` before it.
+
+    ``bbox`` rows are ``[class, score, x1, y1, x2, y2]`` in original-image
+    pixels, as ppdet's exported models give them.
+    """
+
+    def __init__(self, model: nn.Layer, with_nms: bool = True):
+        super().__init__()
+        for part in ("backbone", "neck", "yolo_head"):
+            if not hasattr(model, part):
+                raise ConfigError(f"{type(model).__name__} has no '{part}'; ppfuse exports PP-YOLOE-style "
+                                  "detectors (backbone, neck, yolo_head)")
+        self.model = model
+        self.with_nms = with_nms
+
+    def raw_outputs(self, image, scale_factor):
+        from ppdet.modeling.bbox_utils import batch_distance2bbox
+        model = self.model
+        feats = model.backbone({"image": image})
+        feats = model.neck(feats, getattr(model, "for_mot", False))
+        scores, distances, anchor_points, stride_tensor = model.yolo_head(feats)
+        boxes = batch_distance2bbox(anchor_points, distances) * stride_tensor
+        scale_y, scale_x = paddle.split(scale_factor, 2, axis=-1)
+        scale = paddle.concat([scale_x, scale_y, scale_x, scale_y], axis=-1).reshape([-1, 1, 4])
+        return boxes / scale, scores
+
+    def forward(self, image, scale_factor):
+        boxes, scores = self.raw_outputs(image, scale_factor)
+        if not self.with_nms:
+            return boxes, scores
+        nms = self.model.yolo_head.nms
+        bbox, _, bbox_num = paddle._C_ops.multiclass_nms3(
+            boxes, scores, None, nms.score_threshold, nms.nms_top_k, nms.keep_top_k, nms.nms_threshold,
+            nms.normalized, nms.nms_eta, -1)
+        return bbox, bbox_num
+
+
+def sample_inputs(size: List[int], batch: int = 1, seed: int = 0):
+    """Generated images in [0, 1] at the export size, and scale factors of 1."""
+    rng = np.random.RandomState(seed)
+    image = paddle.to_tensor(rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"))
+    scale = paddle.to_tensor(np.ones((batch, 2), "float32"))
+    return image, scale
+
+
 @dataclass
 class BuiltModel:
     """What :func:`build_model` made.
@@ -225,7 +273,10 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     Args:
         config: from :func:`load_config`.
         weights: checkpoint path; default ``config.weights``; none -> random
-            weights with randomized BatchNorm statistics (seeded).
+            weights: gamma, beta, alpha and zero-initialized convs randomized
+            (:func:`ppfuse.layers.randomize`), then BatchNorm statistics set
+            from generated images, so they are far from the defaults yet keep
+            activations O(1) as in a trained model; seeded.
         deploy: override the config's ``deploy`` key.
         seed: seed of the random weights.
         strict: fail when the conversion would leave any BatchNorm unfolded.
@@ -236,6 +287,9 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     training_model = build_training_model(config)
     if not weights:
         layers.randomize(training_model, seed)
+        image, scale = sample_inputs(config.input_size(), 2, seed)
+        detector = DetectorForInference(training_model, with_nms=False)
+        layers.calibrate_batch_norms(training_model, lambda: detector(image, scale))
         form = "random"
     else:
         path = weights if weights.endswith(".pdparams") or os.path.exists(weights) else weights + ".pdparams"

@@ -31,7 +31,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import checkpoint, layers
-from .detection import BuiltModel, DetectionConfig, build_model
+from .detection import BuiltModel, DetectionConfig, DetectorForInference, build_model, sample_inputs  # noqa: F401
 from .errors import ConfigError, ExportError
 from .verify import VerificationResult, verify
 
@@ -40,47 +40,11 @@ DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"
 COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "if", "nearest_interp", "multiclass_nms3")
 
-# whole-model tolerance of the export check: boxes are in pixels, scores in [0, 1]
-DEFAULT_ATOL = 1e-3
+# whole-model tolerance of the export check, on boxes / input size and scores (both O(1)).
+# Measured fp32 differences: ~1e-5 (PP-YOLOE+ s, 320); the fp32 training form itself is
+# that far from a float64 evaluation, so tighter would reject exact conversions.
+DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
-
-
-class DetectorForInference(nn.Layer):
-    """``(image, scale_factor)`` -> ``(bbox, bbox_num)`` after NMS, or ``(boxes, scores)`` before it.
-
-    ``bbox`` rows are ``[class, score, x1, y1, x2, y2]`` in original-image
-    pixels, as ppdet's exported models give them.
-    """
-
-    def __init__(self, model: nn.Layer, with_nms: bool = True):
-        super().__init__()
-        for part in ("backbone", "neck", "yolo_head"):
-            if not hasattr(model, part):
-                raise ConfigError(f"{type(model).__name__} has no '{part}'; ppfuse exports PP-YOLOE-style "
-                                  "detectors (backbone, neck, yolo_head)")
-        self.model = model
-        self.with_nms = with_nms
-
-    def raw_outputs(self, image, scale_factor):
-        from ppdet.modeling.bbox_utils import batch_distance2bbox
-        model = self.model
-        feats = model.backbone({"image": image})
-        feats = model.neck(feats, getattr(model, "for_mot", False))
-        scores, distances, anchor_points, stride_tensor = model.yolo_head(feats)
-        boxes = batch_distance2bbox(anchor_points, distances) * stride_tensor
-        scale_y, scale_x = paddle.split(scale_factor, 2, axis=-1)
-        scale = paddle.concat([scale_x, scale_y, scale_x, scale_y], axis=-1).reshape([-1, 1, 4])
-        return boxes / scale, scores
-
-    def forward(self, image, scale_factor):
-        boxes, scores = self.raw_outputs(image, scale_factor)
-        if not self.with_nms:
-            return boxes, scores
-        nms = self.model.yolo_head.nms
-        bbox, _, bbox_num = paddle._C_ops.multiclass_nms3(
-            boxes, scores, None, nms.score_threshold, nms.nms_top_k, nms.keep_top_k, nms.nms_threshold,
-            nms.normalized, nms.nms_eta, -1)
-        return bbox, bbox_num
 
 
 def nearest_upsample(x, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
@@ -177,22 +141,19 @@ def count_ops(model_dir: str) -> Dict[str, int]:
     return dict(counts)
 
 
-def sample_inputs(size: List[int], batch: int = 1, seed: int = 0):
-    """Generated images in [0, 1] at the export size, and scale factors of 1."""
-    rng = np.random.RandomState(seed)
-    image = paddle.to_tensor(rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"))
-    scale = paddle.to_tensor(np.ones((batch, 2), "float32"))
-    return image, scale
-
-
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0) -> VerificationResult:
-    """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image."""
+    """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image.
+
+    Boxes are compared as fractions of the input size, so one tolerance fits
+    boxes and scores (both O(1)).
+    """
     original = DetectorForInference(training_model, with_nms=False)
     converted = DetectorForInference(deployed, with_nms=False)
     image, scale = sample_inputs(size, 1, seed)
+    extent = float(max(size))
     return verify(original, converted, [(image, scale)], atol=atol, rtol=rtol, what="deployed model",
-                  output_names=lambda out: {"boxes": out[0], "scores": out[1]})
+                  output_names=lambda out: {"boxes_over_size": out[0] / extent, "scores": out[1]})
 
 
 @dataclass

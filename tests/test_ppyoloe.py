@@ -1,10 +1,12 @@
 """PP-YOLOE+ s end to end: conversion of the whole model, export, checkpoints, Paddle Inference.
 
 Built by ppdet from configs/ppyoloe/ppyoloe_plus_crn_s_320_test.yml with random
-weights, randomized BatchNorm statistics and alpha != 1. Whole-model tolerance
-on the raw detector outputs (boxes in pixels of a 320x320 image, scores in
-[0, 1]): boxes atol 1e-3 px, scores atol 1e-5, rtol 1e-4 -- measured max
-errors are ~1e-4 px and ~1e-8 (printed by `pytest -s`).
+weights, randomized gamma/beta/alpha != 1 and BatchNorm statistics set from
+generated images (activations O(1), as in a trained model). Whole-model
+tolerance on the raw detector outputs (boxes in pixels of a 320x320 image,
+scores in [0, 1]): boxes atol 1e-2 px, scores atol 1e-4, rtol 1e-4. Measured:
+~4e-3 px and ~2e-5 -- the size of fp32 rounding: the training form itself is
+~3e-3 px from a float64 evaluation, and the deployed model is no further from it.
 """
 import os
 
@@ -41,8 +43,25 @@ def raw(model, inputs):
 
 
 def assert_detector_close(actual, expected):
-    np.testing.assert_allclose(actual[0], expected[0], atol=1e-3, rtol=1e-4)  # boxes, pixels
-    np.testing.assert_allclose(actual[1], expected[1], atol=1e-5, rtol=1e-4)  # scores
+    np.testing.assert_allclose(actual[0], expected[0], atol=1e-2, rtol=1e-4)  # boxes, pixels
+    np.testing.assert_allclose(actual[1], expected[1], atol=1e-4, rtol=1e-4)  # scores
+
+
+def test_deployed_fp32_is_as_close_to_float64_as_the_training_form(built, inputs):
+    """The conversion adds no error beyond fp32 rounding: against a float64 run of the training
+    form, the deployed fp32 model deviates no more than the training-form fp32 model does."""
+    import copy
+    model64 = copy.deepcopy(built.training_model)
+    model64.to(dtype="float64")
+    head = model64.yolo_head
+    head.anchor_points = head.anchor_points.astype("float64")
+    head.stride_tensor = head.stride_tensor.astype("float64")
+    truth = raw(model64, tuple(t.astype("float64") for t in inputs))
+    for i, name in enumerate(("boxes", "scores")):
+        train_error = np.abs(raw(built.training_model, inputs)[i] - truth[i]).max()
+        deploy_error = np.abs(raw(built.model, inputs)[i] - truth[i]).max()
+        print(f"\n{name}: fp32 training form {train_error:.3g}, fp32 deployed {deploy_error:.3g} from float64")
+        assert deploy_error <= 2 * train_error + 1e-7
 
 
 def test_config_is_deploy_and_alpha_is_randomized(config, built):

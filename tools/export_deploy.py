@@ -23,8 +23,8 @@ def log(message):
 def run(argv):
     parser = cli.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output_inference", help="where <config name>/ is written")
-    parser.add_argument("--atol", type=float, default=None, help="verification tolerance (absolute)")
-    parser.add_argument("--rtol", type=float, default=None, help="verification tolerance (relative)")
+    parser.add_argument("--atol", type=float, default=None, help="verification tolerance, absolute, on boxes/input size and scores (default 1e-4)")
+    parser.add_argument("--rtol", type=float, default=None, help="verification tolerance, relative (default 1e-4)")
     parser.add_argument("--no_nms", action="store_true", help="export raw (boxes, scores) without NMS")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
     parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
