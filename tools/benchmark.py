@@ -1,0 +1,55 @@
+"""Benchmark export variants side by side in Paddle Inference: latency, ops, size, conversion time, memory.
+
+    python tools/benchmark.py -c configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml \
+        [-c configs/ppyoloe/ppyoloe_plus_crn_l_80e_coco.yml] [--threads 2] [--runs 30] \
+        [--output_dir output_bench]
+
+Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart).
+"""
+import argparse
+import datetime
+import os
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from ppfuse import cli  # noqa: E402
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", action="append", required=True, help="config (repeatable)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per cell (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--output_dir", default="output_bench")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    from ppfuse import benchmark, detection
+    os.makedirs(args.output_dir, exist_ok=True)
+    peak, peak_note = benchmark.peak_flops()
+    results = []
+    for path in args.config:
+        config = detection.load_config(path)
+        workdir = os.path.join(args.output_dir, config.name)
+        results.append(benchmark.run_benchmark(config, workdir, args.threads, args.runs, args.warmup,
+                                               tuple(args.batches), not args.no_memory, ROOT,
+                                               log=lambda m: print(m, file=sys.stderr)))
+    header = (f"## Benchmark, {datetime.date.today().isoformat()}\n\n{benchmark.machine_description(args.threads)}; "
+              f"{args.runs} timed runs per cell after {args.warmup} warm-up, rounds interleaved.\n"
+              f"Command: `python tools/benchmark.py {' '.join(argv)}`\n\n")
+    text = header + "\n".join(benchmark.markdown(r, peak, peak_note) for r in results)
+    with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
+        f.write(text)
+    png = benchmark.plot(results, os.path.join(args.output_dir, "benchmark.png"))
+    print(text)
+    print(f"wrote {os.path.join(args.output_dir, 'benchmark.md')}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))
