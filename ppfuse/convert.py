@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import paddle.nn as nn
 
@@ -114,17 +114,22 @@ def _join(*parts: str) -> str:
 
 
 def _fold_pair_rewrite(parent: nn.Layer, conv_name: str, bn_name: str, where: str) -> Rewrite:
-    conv_layer, bn_layer = getattr(parent, conv_name), getattr(parent, bn_name)
-    kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, _join(where, bn_name))
-    new_conv = layers.conv_like(conv_layer, kernel, bias)
+    return _fold_rewrite(parent, conv_name, parent, bn_name, _join(where, conv_name), _join(where, bn_name))
 
+
+def _fold_rewrite(conv_parent: nn.Layer, conv_name: str, bn_parent: nn.Layer, bn_name: str,
+                  conv_path: str, bn_path: str, kind: str = "conv+bn") -> Rewrite:
+    """Plan: the conv becomes a conv with bias holding the fold, the BN an ``nn.Identity``."""
+    conv_layer, bn_layer = getattr(conv_parent, conv_name), getattr(bn_parent, bn_name)
+    kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, bn_path)
+    new_conv = layers.conv_like(conv_layer, kernel, bias)
     identity = nn.Identity()
     identity.eval()
 
     def apply():
-        setattr(parent, conv_name, new_conv)
-        setattr(parent, bn_name, identity)
-    return Rewrite(_join(where, conv_name), "conv+bn", apply, [bn_layer])
+        setattr(conv_parent, conv_name, new_conv)
+        setattr(bn_parent, bn_name, identity)
+    return Rewrite(conv_path, kind, apply, [bn_layer])
 
 
 def convert_sequential(seq: nn.Sequential, site: Site) -> Optional[List[Rewrite]]:
@@ -211,7 +216,8 @@ class ConversionReport:
                 "remaining_batch_norms": dict(self.remaining_batch_norms), "seconds": self.seconds}
 
 
-def convert(model: nn.Layer, inplace: bool = False, strict: bool = False) -> ConversionReport:
+def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
+            input_spec: Optional[Sequence] = None) -> ConversionReport:
     """Convert every re-parameterizable block and every declared Conv+BN pair of ``model``.
 
     Args:
@@ -219,6 +225,9 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False) -> Con
         inplace: change ``model`` itself; otherwise a deep copy is converted
             and ``model`` is left untouched.
         strict: raise when any BatchNorm is left unfolded.
+        input_spec: ``paddle.static.InputSpec`` list of ``forward``'s inputs; given,
+            Conv -> BN pairs that no structure declares are found by tracing
+            the model (:mod:`ppfuse.dataflow`) and folded too.
 
     Returns:
         A :class:`ConversionReport`; ``report.model`` is the converted model.
@@ -250,7 +259,10 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False) -> Con
                 visit(child, Site(layer, name, _join(site.where, name), root))
 
     visit(root.model, Site(None, "", "", root))
-    remaining = _remaining_batch_norms(root.model, rewrites)
+    reasons: Dict[str, str] = {}
+    if input_spec is not None:
+        rewrites += _dataflow_rewrites(root.model, input_spec, rewrites, reasons)
+    remaining = _remaining_batch_norms(root.model, rewrites, reasons)
     if strict and remaining:
         where, why = next(iter(remaining.items()))
         raise ConversionError(f"{len(remaining)} BatchNorm would stay unfolded (strict), first {where}: {why}")
@@ -262,10 +274,29 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False) -> Con
     return report
 
 
-def _remaining_batch_norms(model: nn.Layer, planned: List[Rewrite]) -> Dict[str, str]:
+def _dataflow_rewrites(model: nn.Layer, input_spec, planned: List[Rewrite], reasons: Dict[str, str]) -> List[Rewrite]:
+    from . import dataflow
+    removed = {id(bn) for r in planned for bn in r.folded}
+    pairs, left = dataflow.find_pairs(model, input_spec)
+    reasons.update(left)
+    rewrites = []
+    for pair in pairs:
+        dataflow.check_pair(model, pair)
+        conv_parent, conv_name, _ = dataflow.resolve(model, pair.conv_path)
+        bn_parent, bn_name, bn = dataflow.resolve(model, pair.bn_path)
+        if id(bn) not in removed:
+            rewrites.append(_fold_rewrite(conv_parent, conv_name, bn_parent, bn_name, pair.conv_path,
+                                          pair.bn_path, "conv+bn (dataflow)"))
+    return rewrites
+
+
+def _remaining_batch_norms(model: nn.Layer, planned: List[Rewrite],
+                           reasons: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """BatchNorm layers that no planned rewrite removes, with the reason."""
     removed = {id(bn) for r in planned for bn in r.folded}
-    return {name: ("no registered structure pairs it with a conv that feeds it; register its parent "
-                   "with ppfuse.register_conv_bn, or a converter with ppfuse.register_converter")
+    default = ("no registered structure pairs it with a conv that feeds it; register its parent with "
+               "ppfuse.register_conv_bn, a converter with ppfuse.register_converter, or pass input_spec "
+               "to pair by dataflow")
+    return {name: (reasons or {}).get(name, default)
             for name, sub in model.named_sublayers()
             if layers.is_batch_norm(sub) and id(sub) not in removed}
