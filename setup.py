@@ -22,5 +22,6 @@ setup(
         "cpu": ["paddlepaddle==3.3.1"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
+        "onnx": ["paddle2onnx==2.1.0", "onnx==1.17.0", "onnxruntime", "onnxoptimizer"],
     },
 )

@@ -33,6 +33,7 @@ from . import inference, layers
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, sample_inputs
 from .export import count_ops, save_inference_model, verify_deployed
+from .verify import compare_detections
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
 COUNTED = ("conv2d", "batch_norm", "add", "if")
@@ -179,20 +180,6 @@ def reference_detections(model, size: List[int], batch: int):
     return {"image": image.numpy(), "scale_factor": scale.numpy()}, bbox.numpy(), num.numpy()
 
 
-def same_detections(got, expected_bbox, expected_num, box_tolerance: float) -> str:
-    """Same count, classes, scores (1e-4) and boxes (``box_tolerance`` px) as the dygraph model?"""
-    bbox, num = got
-    if not np.array_equal(num, expected_num):
-        return f"different count ({num.tolist()} vs {expected_num.tolist()})"
-    if not np.array_equal(bbox[:, 0], expected_bbox[:, 0]):
-        return "different classes"
-    score = float(np.abs(bbox[:, 1] - expected_bbox[:, 1]).max()) if len(bbox) else 0.0
-    box = float(np.abs(bbox[:, 2:] - expected_bbox[:, 2:]).max()) if len(bbox) else 0.0
-    if score <= 1e-4 and box <= box_tolerance:
-        return f"same (box diff {box:.2g} px)"
-    return f"differ: box {box:.3g} px, score {score:.2g}"
-
-
 def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_by_batch, references,
             runs: int, warmup: int, box_tolerance: float, progress=None) -> List[Measurement]:
     """Interleaved latency of every (variant, runtime) pair, per batch size."""
@@ -209,7 +196,7 @@ def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_
                         predictor = inference.create_predictor(variant.directory, runtime.options)
                         outputs = inference.run(predictor, inputs)
                         ref_bbox, ref_num = references[batch]
-                        cell.parity = same_detections(outputs, ref_bbox, ref_num, box_tolerance)
+                        cell.parity = compare_detections((ref_bbox, ref_num), outputs, box_tolerance)[1]
                         cells.append((cell, predictor))
                     except Exception as exc:
                         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"

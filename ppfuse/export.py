@@ -32,7 +32,7 @@ import paddle.nn.functional as F
 
 from . import checkpoint, layers
 from .detection import BuiltModel, DetectionConfig, DetectorForInference, build_model, sample_inputs  # noqa: F401
-from .errors import ConfigError, ExportError
+from .errors import ConfigError, ExportError, VerificationError
 from .verify import VerificationResult, verify
 
 MODEL_FILE = "model"
@@ -174,6 +174,25 @@ def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.La
     _dump_infer_config(global_config, path, [None, 3] + list(size), model)
 
 
+def _export_onnx(directory: str, size: List[int], with_nms: bool, log) -> dict:
+    """Write and check ``model.onnx`` beside the Paddle model; raise (nothing written) when it is off."""
+    from . import onnx_support
+    path = onnx_support.to_onnx(directory, os.path.join(directory, onnx_support.ONNX_FILE))
+    nodes = onnx_support.node_counts(path)
+    if nodes.get("BatchNormalization", 0) or nodes.get("If", 0):
+        raise ExportError(f"{path}: {nodes.get('BatchNormalization', 0)} BatchNormalization and "
+                          f"{nodes.get('If', 0)} If nodes left; the deployed program should have none")
+    image, scale = sample_inputs(size, 1, 3)
+    # same tolerance as the export check: 1e-4 of the input size, in pixels
+    ok, how = onnx_support.check_against_paddle(directory, path, {"image": image.numpy(),
+                                                                  "scale_factor": scale.numpy()},
+                                                box_atol=DEFAULT_ATOL * max(size), with_nms=with_nms)
+    log(f"ONNX Runtime vs Paddle Inference: {how}")
+    if not ok:
+        raise VerificationError(f"{path}: ONNX Runtime's outputs differ from Paddle Inference's: {how}")
+    return {"nodes": nodes, "check": how}
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str):
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
@@ -209,11 +228,13 @@ def atomic_directory(target: str):
 
 def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = None, seed: int = 0,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, with_nms: bool = True,
-           strict: bool = False, log=print) -> ExportResult:
+           strict: bool = False, onnx: bool = False, log=print) -> ExportResult:
     """Build, convert, verify and write ``output_dir/<config name>/``; all files or none.
 
     Args:
         strict: fail when any BatchNorm would stay unfolded (otherwise warn).
+        onnx: also write ``model.onnx`` (paddle2onnx), checked against Paddle
+            Inference: no BatchNormalization or If node, outputs within tolerance.
 
     Raises:
         VerificationError: the deployed model differs beyond tolerance (nothing written).
@@ -248,6 +269,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
         _infer_cfg(config, os.path.join(tmp, "infer_cfg.yml"), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
+        onnx_report = _export_onnx(tmp, size, with_nms, log) if onnx else None
         report = {
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
             "weights_form": built.weights_form, "input_size": size, "with_nms": with_nms,
@@ -255,6 +277,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "verification": verification.to_dict() if verification else None,
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
             "fp16_overflow": overflow,
+            "onnx": onnx_report,
             "paddle": paddle.__version__,
         }
         with open(os.path.join(tmp, REPORT_FILE), "w") as f:

@@ -129,3 +129,22 @@ def verify(original: Callable, converted: Callable, inputs: List[Any], atol: flo
     if raise_on_error and not result.ok:
         raise VerificationError(f"{what} differs from the original beyond tolerance: {result.summary()}")
     return result
+
+
+def compare_detections(reference, candidate, box_atol: float, score_atol: float = 1e-4):
+    """Two ppdet-style NMS outputs ``(bbox [K, 6], bbox_num [N])``: same detections?
+
+    Same counts and classes, scores within ``score_atol``, boxes within
+    ``box_atol`` pixels. Returns ``(ok, description)``.
+    """
+    ref_bbox, ref_num = (np.asarray(a) for a in reference)
+    bbox, num = (np.asarray(a) for a in candidate)
+    if not np.array_equal(num, ref_num):
+        return False, f"different count ({num.tolist()} vs {ref_num.tolist()})"
+    if not np.array_equal(bbox[:, 0], ref_bbox[:, 0]):
+        return False, "different classes"
+    score = float(np.abs(bbox[:, 1] - ref_bbox[:, 1]).max()) if len(bbox) else 0.0
+    box = float(np.abs(bbox[:, 2:] - ref_bbox[:, 2:]).max()) if len(bbox) else 0.0
+    if score <= score_atol and box <= box_atol:
+        return True, f"same (box diff {box:.2g} px, score diff {score:.2g})"
+    return False, f"differ: box {box:.3g} px, score {score:.2g}"

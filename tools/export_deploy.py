@@ -28,6 +28,7 @@ def run(argv):
     parser.add_argument("--no_nms", action="store_true", help="export raw (boxes, scores) without NMS")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
     parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra)")
     args = parser.parse_args(argv)
 
     from ppfuse import detection, export
@@ -38,7 +39,7 @@ def run(argv):
               file=sys.stderr)
     tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
     result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, strict=args.strict,
-                           log=log, **tolerance)
+                           onnx=args.onnx, log=log, **tolerance)
     conversion = result.built.conversion
     if conversion is not None:
         print(conversion.summary().splitlines()[0])
