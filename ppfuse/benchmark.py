@@ -61,6 +61,18 @@ def gpu_runtimes() -> List[Runtime]:
             Runtime("GPU TensorRT fp16", inference.PredictorOptions(device="gpu", precision="fp16", tensorrt=True))]
 
 
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import paddle2onnx  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+ONNX_RUNTIME = "ONNX Runtime CPU"
+
+
 @dataclass
 class VariantResult:
     name: str
@@ -166,6 +178,11 @@ def export_variants(config: DetectionConfig, workdir: str, log: Callable = print
             save_inference_model(model, os.path.join(directory, "model"), size, with_nms=True)
             result.ops = count_ops(directory)
             result.params_bytes = os.path.getsize(os.path.join(directory, "model.pdiparams"))
+            if name == "ppfuse deploy" and onnx_available():
+                from . import onnx_support
+                staging = os.path.join(directory, "onnx_source")
+                save_inference_model(model, os.path.join(staging, "model"), size, True, topk_before_nms=True)
+                onnx_support.to_onnx(staging, os.path.join(directory, onnx_support.ONNX_FILE))
         except Exception as exc:  # a variant that cannot be exported is a result, not a crash
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         log(f"exported {name}: {result.error or 'ok'}")
@@ -188,23 +205,31 @@ def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_
         cells = []
         for variant in variants.values():
             for runtime in runtimes:
+                if runtime.name == ONNX_RUNTIME and variant.name != "ppfuse deploy":
+                    continue
                 cell = Measurement(variant.name, runtime.name, batch)
                 if variant.error:
                     cell.error = "not exported"
                 else:
                     try:
-                        predictor = inference.create_predictor(variant.directory, runtime.options)
-                        outputs = inference.run(predictor, inputs)
+                        if runtime.name == ONNX_RUNTIME:
+                            from . import onnx_support
+                            sess = onnx_support.session(os.path.join(variant.directory, onnx_support.ONNX_FILE),
+                                                        runtime.options.cpu_threads)
+                            call = (lambda sess=sess: onnx_support.run_onnx(sess, inputs))
+                        else:
+                            predictor = inference.create_predictor(variant.directory, runtime.options)
+                            call = (lambda predictor=predictor: inference.run(predictor, inputs))
                         ref_bbox, ref_num = references[batch]
-                        cell.parity = compare_detections((ref_bbox, ref_num), outputs, box_tolerance)[1]
-                        cells.append((cell, predictor))
+                        cell.parity = compare_detections((ref_bbox, ref_num), call(), box_tolerance)[1]
+                        cells.append((cell, call))
                     except Exception as exc:
                         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
                 results.append(cell)
         for round_index in range(warmup + runs):
-            for cell, predictor in cells:
+            for cell, call in cells:
                 start = time.perf_counter()
-                inference.run(predictor, inputs)
+                call()
                 elapsed = time.perf_counter() - start
                 if round_index >= warmup:
                     cell.times.append(elapsed)
@@ -272,13 +297,15 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
     size = config.input_size()
     built, variants = export_variants(config, workdir, log)
     runtimes = cpu_runtimes(threads) + gpu_runtimes()
+    if onnx_available():
+        runtimes.append(Runtime(ONNX_RUNTIME, inference.PredictorOptions(cpu_threads=threads)))
     inputs_by_batch, references = {}, {}
     for batch in batches:
         inputs, bbox, num = reference_detections(built.training_model, size, batch)
         inputs_by_batch[batch], references[batch] = inputs, (bbox, num)
     flops = conv_flops(built.training_model, size)
     ok = sum(1 for v in variants.values() if not v.error)
-    total = ok * len(runtimes) * len(batches) * (runs + warmup)
+    total = ok * len(runtimes) * len(batches) * (runs + warmup)  # an upper bound: ONNX only for one variant
     try:
         from tqdm import tqdm
         bar = tqdm(total=total, desc=f"{config.name} latency", unit="run", file=sys.stderr)

@@ -100,9 +100,10 @@ def input_spec(size: List[int]) -> List[paddle.static.InputSpec]:
             paddle.static.InputSpec([None, 2], "float32", "scale_factor")]
 
 
-def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True) -> None:
+def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True,
+                         topk_before_nms: bool = False) -> None:
     """Trace ``model`` (a PP-YOLOE-style detector in eval mode) and ``paddle.jit.save`` it."""
-    wrapper = DetectorForInference(model, with_nms)
+    wrapper = DetectorForInference(model, with_nms, topk_before_nms)
     wrapper.eval()
     with onednn_friendly_upsample():
         static = paddle.jit.to_static(wrapper, input_spec=input_spec(size), full_graph=True)
@@ -174,10 +175,18 @@ def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.La
     _dump_infer_config(global_config, path, [None, 3] + list(size), model)
 
 
-def _export_onnx(directory: str, size: List[int], with_nms: bool, log) -> dict:
-    """Write and check ``model.onnx`` beside the Paddle model; raise (nothing written) when it is off."""
+def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool, log) -> dict:
+    """Write and check ``model.onnx`` beside the Paddle model; raise (nothing written) when it is off.
+
+    The ONNX model is converted from a program traced with per-class top-k
+    before NMS (see :class:`DetectorForInference`); it is checked against the
+    Paddle model written beside it.
+    """
     from . import onnx_support
-    path = onnx_support.to_onnx(directory, os.path.join(directory, onnx_support.ONNX_FILE))
+    staging = os.path.join(directory, ".onnx_source")
+    save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms, topk_before_nms=True)
+    path = onnx_support.to_onnx(staging, os.path.join(directory, onnx_support.ONNX_FILE))
+    shutil.rmtree(staging)
     nodes = onnx_support.node_counts(path)
     if nodes.get("BatchNormalization", 0) or nodes.get("If", 0):
         raise ExportError(f"{path}: {nodes.get('BatchNormalization', 0)} BatchNormalization and "
@@ -269,7 +278,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
         _infer_cfg(config, os.path.join(tmp, "infer_cfg.yml"), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
-        onnx_report = _export_onnx(tmp, size, with_nms, log) if onnx else None
+        onnx_report = _export_onnx(built.model, tmp, size, with_nms, log) if onnx else None
         report = {
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
             "weights_form": built.weights_form, "input_size": size, "with_nms": with_nms,
