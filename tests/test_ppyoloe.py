@@ -166,3 +166,14 @@ def test_mismatched_checkpoints_name_the_keys(config, built, tmp_path):
         paddle.save(broken, path)
         with pytest.raises(CheckpointError, match=pattern):
             detection.build_model(config, weights=path)
+
+
+def test_top_k_before_nms_gives_the_same_detections(built, inputs):
+    """The ONNX program's per-class top-k selection is what multiclass_nms3 does itself."""
+    image, scale = inputs
+    with paddle.no_grad():
+        plain = export.DetectorForInference(built.model)(image, scale)
+        topk = export.DetectorForInference(built.model, topk_before_nms=True)(image, scale)
+    np.testing.assert_array_equal(topk[1].numpy(), plain[1].numpy())
+    assert plain[1].numpy().sum() > 10
+    np.testing.assert_array_equal(topk[0].numpy(), plain[0].numpy())
