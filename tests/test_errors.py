@@ -259,3 +259,25 @@ def test_real_process_exit_code_and_one_line(tmp_path):
     debug = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_deploy.py"), "-c", "missing.yml",
                             "--debug"], capture_output=True, text=True, cwd=str(tmp_path))
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_fp16_overflow_is_named_before_fp16_use(trained_checkpoint, tmp_path, capsys):
+    """A tiny running variance (with a large gamma) makes the folded kernel exceed float16: the export
+    warns and names it."""
+    _, state = trained_checkpoint
+    key = "backbone.stem.conv1.bn._variance"
+    broken = dict(state)
+    broken[key] = np.full_like(state[key], 1e-12)
+    broken["backbone.stem.conv1.bn.weight"] = np.full_like(state["backbone.stem.conv1.bn.weight"], 1e4)
+    path = str(tmp_path / "tiny_var.pdparams")
+    paddle.save(broken, path)
+    out = str(tmp_path / "out")
+    code, _, err = run_tool(EXPORT, ["-c", TEST_CONFIG, "-o", f"weights={path}", "--atol", "1", "--rtol", "1",
+                                     "--output_dir", out], capsys)
+    assert code == 0
+    warning = [line for line in err.splitlines() if "float16 range" in line]
+    assert len(warning) == 1 and "backbone.stem.conv1.conv.weight" in warning[0], err
+    import json
+    with open(os.path.join(out, "ppyoloe_plus_crn_s_320_test", "ppfuse_report.json")) as f:
+        report = json.load(f)
+    assert "backbone.stem.conv1.conv.weight" in report["fp16_overflow"]
