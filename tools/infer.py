@@ -34,6 +34,7 @@ def run(argv):
                         help="keep every Paddle Inference pass (no ppfuse tuning)")
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (infer_cfg.yml's)")
     parser.add_argument("--output_dir", default="output", help="annotated images and JSON go here")
+    parser.add_argument("--print_max", type=int, default=20, help="detections printed per image (all go to JSON)")
     args = parser.parse_args(argv)
 
     from ppfuse import inference
@@ -53,9 +54,12 @@ def run(argv):
         detections = detector.predict(image).above(threshold)
         stem = os.path.splitext(os.path.basename(path))[0]
         print(f"{path}: {len(detections.scores)} detections with score >= {threshold}")
-        for det in detections.to_list():
+        listed = detections.to_list()
+        for det in listed[:args.print_max]:
             box = ", ".join(f"{v:.1f}" for v in det["box"])
             print(f"  {det['label']:<16} {det['score']:.3f}  [{box}]")
+        if len(listed) > args.print_max:
+            print(f"  ... {len(listed) - args.print_max} more in {stem}.json")
         import cv2
         cv2.imwrite(os.path.join(args.output_dir, stem + ".jpg"), inference.draw(image, detections))
         with open(os.path.join(args.output_dir, stem + ".json"), "w") as f:
