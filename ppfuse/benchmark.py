@@ -333,9 +333,8 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
             lines.append(f"| {m.variant} | {m.runtime} | {m.batch} | - | - | - | fails: {m.error} |")
             continue
         ratio = m.median / base.median if base and base.times else float("nan")
-        spread = ""
         lines.append(f"| {m.variant} | {m.runtime} | {m.batch} | {m.median * 1e3:.1f} | {m.p90 * 1e3:.1f} | "
-                     f"{ratio:.2f}x{spread} | {m.parity} |")
+                     f"{ratio:.2f}x | {m.parity} |")
     lines += ["", "| variant | conv2d | batch_norm | add | if | params MB | conversion s | verification s |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v in result.variants.values():

@@ -28,12 +28,11 @@ from . import checkpoint, layers
 from .convert import ConversionReport, convert
 from .errors import CheckpointError, ConfigError
 
-# imported lazily where ppdet is needed: importing it costs seconds
-
 SUPPORTED_ARCHITECTURES = ("PPYOLOE", "YOLOv3")
 
 
 def _workspace():
+    # ppdet is imported where it is needed: importing it costs seconds
     import ppdet  # noqa: F401  (registers ppdet's modules)
     from ppdet.core import workspace
     return workspace

@@ -67,9 +67,7 @@ def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:
         items = out.items()
     elif isinstance(out, (list, tuple)):
         items = enumerate(out)
-    elif out is None:
-        return {}
-    else:
+    else:  # None and non-tensor values carry no numbers to compare
         return {}
     flat = {}
     for key, value in items:

@@ -1,0 +1,399 @@
+"""Accuracy parity: train a detector briefly with ppdet, then COCO mAP of both forms.
+
+The benchmark question is whether a ppfuse export detects exactly as well as
+the model it came from. This module answers it on a model that detects
+something (PP-YOLOE+ trained for minutes on the generated shapes dataset of
+:mod:`ppfuse.shapes`), with ppdet's own pieces throughout:
+
+* :func:`ensure_shapes_dataset` writes the dataset a config points at, if absent;
+* :func:`train` trains with ``ppdet.engine.Trainer`` (from scratch: nothing is
+  downloaded) and returns the final checkpoint;
+* :func:`evaluate_training_form` runs the training-form dygraph model over
+  ppdet's ``EvalReader`` into ppdet's ``COCOMetric``;
+* :func:`evaluate_exported` runs an export through Paddle Inference
+  (:class:`ppfuse.inference.Detector`, preprocessing from its
+  ``infer_cfg.yml``) over the same images into the same ``COCOMetric``;
+* :func:`parity_table` puts the numbers side by side.
+
+Both forms are scored by the same code (``COCOMetric`` -> ``cocoapi_eval``
+-> pycocotools), so any difference comes from the models, not the metric.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from .detection import DetectionConfig, build_model
+from .errors import ConfigError, InferenceError, PPFuseError
+
+# the 12 numbers of pycocotools' COCOeval.summarize(), in its order
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+Log = Callable[[str], None]
+
+
+class TrainingError(PPFuseError):
+    """Training stopped: the loss diverged, or the data gave no batch."""
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Hold back what pycocotools prints ("loading annotations into memory...") unless something fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield buffer
+    except BaseException:
+        sys.stdout.write(buffer.getvalue())
+        raise
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetSplit:
+    """Where a COCO split of a config lives: ``dataset_dir/image_dir`` and ``dataset_dir/anno_path``."""
+    dataset_dir: str
+    image_dir: str
+    anno_path: str
+
+    @property
+    def images(self) -> str:
+        return os.path.join(self.dataset_dir, self.image_dir)
+
+    @property
+    def annotations(self) -> str:
+        return os.path.join(self.dataset_dir, self.anno_path)
+
+
+def dataset_split(config: DetectionConfig, key: str) -> DatasetSplit:
+    """The ``TrainDataset``/``EvalDataset`` of ``config`` as a :class:`DatasetSplit`."""
+    dataset = config.get(key)
+    for attr in ("dataset_dir", "image_dir", "anno_path"):
+        if not getattr(dataset, attr, None):
+            raise ConfigError(f"{config.path}: {key} has no {attr}; accuracy parity needs a COCODataSet "
+                              "with dataset_dir, image_dir and anno_path")
+    return DatasetSplit(dataset.dataset_dir, dataset.image_dir, dataset.anno_path)
+
+
+def _split_is_complete(split: DatasetSplit, count: int) -> bool:
+    if not os.path.isfile(split.annotations):
+        return False
+    try:
+        with open(split.annotations) as f:
+            images = json.load(f).get("images", [])
+    except (OSError, ValueError):
+        return False
+    return len(images) == count and all(os.path.isfile(os.path.join(split.images, im["file_name"]))
+                                        for im in images)
+
+
+def ensure_shapes_dataset(config: DetectionConfig, train_images: int, val_images: int, train_seed: int = 0,
+                          val_seed: int = 1, log: Log = print) -> None:
+    """Write the generated shapes splits the config's Train/EvalDataset point at, unless already there.
+
+    A split is rewritten when its annotation file is missing, unreadable, holds
+    another number of images, or names an image that is not on disk; the
+    images are drawn from the seed, so a rewrite gives the same data.
+
+    Raises:
+        ConfigError: a dataset path that is not the layout ``ppfuse.shapes``
+            writes (``<dir>/<split>/`` and ``<dir>/annotations/instances_<split>.json``).
+    """
+    from .shapes import write_split
+    for key, count, seed in (("TrainDataset", train_images, train_seed), ("EvalDataset", val_images, val_seed)):
+        if count < 1:
+            raise ConfigError(f"{key}: {count} images asked for; give at least 1 (--train_images/--val_images)")
+        split = dataset_split(config, key)
+        expected = f"annotations/instances_{split.image_dir}.json"
+        if os.path.normpath(split.anno_path) != os.path.normpath(expected):
+            raise ConfigError(f"{config.path}: {key}.anno_path is {split.anno_path!r}, but a generated shapes "
+                              f"split '{split.image_dir}' has {expected!r}; fix the config or point it at "
+                              "another dataset")
+        if _split_is_complete(split, count):
+            log(f"dataset: {split.annotations} ({count} images) is there")
+            continue
+        start = time.perf_counter()
+        write_split(split.dataset_dir, split.image_dir, count, seed)
+        log(f"dataset: wrote {count} images to {split.images}/ and {split.annotations} (seed {seed}, "
+            f"{time.perf_counter() - start:.1f} s)")
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def cast_gt_class_to_int64(layer, inputs):
+    """Forward pre-hook: the batch's ``gt_class`` as int64.
+
+    ppdet 2.6.0's COCO loader and ``PadGT`` make ``gt_class`` int32, and on
+    Paddle 3.x the assigners then fail (``TypeError: ... x: int64, y: int32``
+    in ``ATSSAssigner``/``TaskAlignedAssigner``), as Paddle no longer promotes
+    integer types implicitly. Casting where the batch enters the model is the
+    smallest change that leaves ppdet's files alone.
+    """
+    data = inputs[0] if inputs else None
+    if isinstance(data, dict) and isinstance(data.get("gt_class"), paddle.Tensor) \
+            and data["gt_class"].dtype != paddle.int64:
+        data["gt_class"] = data["gt_class"].astype("int64")
+    return None
+
+
+def set_epochs(cfg, epochs: int) -> Dict[str, object]:
+    """Make ``cfg`` (ppdet's global config) train ``epochs`` epochs, the schedule stretched to match.
+
+    Keys measured in epochs of the schedule scale with it, so ``--epochs`` keeps
+    the schedule's shape: the cosine decay's ``max_epochs`` and PP-YOLOE's
+    ``static_assigner_epoch`` (ATSS before TAL) keep their ratio to ``epoch``.
+    The warmup stays as configured. Returns what was set.
+    """
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs}: train at least 1 epoch")
+    old = int(cfg.get("epoch") or epochs)
+    changed: Dict[str, object] = {"epoch": epochs}
+    cfg["epoch"] = epochs
+    for scheduler in (cfg.get("LearningRate") or {}).get("schedulers", []):
+        # a scheduler is an object (YAML tag) or a dict with 'name' (ppdet accepts both)
+        if isinstance(scheduler, dict) and "max_epochs" in scheduler:
+            scheduler["max_epochs"] = max(epochs, int(round(scheduler["max_epochs"] * epochs / old)))
+            changed[f"{scheduler.get('name', 'scheduler')}.max_epochs"] = scheduler["max_epochs"]
+        elif hasattr(scheduler, "max_epochs"):
+            scheduler.max_epochs = max(epochs, int(round(scheduler.max_epochs * epochs / old)))
+            changed[f"{type(scheduler).__name__}.max_epochs"] = scheduler.max_epochs
+    head = cfg.get("PPYOLOEHead")
+    if head is not None and "static_assigner_epoch" in head:
+        configured = head["static_assigner_epoch"]
+        # at least one ATSS epoch when the config has any: TAL needs predictions that are somewhat good
+        head["static_assigner_epoch"] = max(int(configured > 0), int(round(configured * epochs / old)))
+        changed["PPYOLOEHead.static_assigner_epoch"] = head["static_assigner_epoch"]
+    return changed
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and Paddle: ppdet's augmentations draw from ``random`` and ``np.random``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def _progress_callback(trainer, log: Log, start: float):
+    from ppdet.engine.callbacks import Callback
+
+    class Progress(Callback):
+        """One line per epoch (ppdet's own log lines are off in the command lines); stops on a NaN loss."""
+
+        def __init__(self, model):
+            super().__init__(model)
+            self.losses: List[float] = []
+
+        def on_step_end(self, status):
+            if status.get("mode") != "train":
+                return
+            meter = status["training_staus"].meters["loss"]
+            loss = float(np.asarray(meter.value).reshape(-1)[0])
+            if not math.isfinite(loss):
+                raise TrainingError(f"training diverged at epoch {status['epoch_id'] + 1}, step "
+                                    f"{status['step_id'] + 1}: loss is {loss}; lower LearningRate.base_lr "
+                                    "(-o LearningRate.base_lr=...) or lengthen the warmup")
+            self.losses.append(loss)
+
+        def on_epoch_end(self, status):
+            if status.get("mode") != "train":
+                return
+            epoch, total = status["epoch_id"] + 1, self.model.cfg.epoch
+            mean = float(np.mean(self.losses)) if self.losses else float("nan")
+            self.losses = []
+            log(f"epoch {epoch}/{total}: mean loss {mean:.4f}, lr {status.get('learning_rate', 0.0):.6f}, "
+                f"{time.perf_counter() - start:.0f} s")
+
+    return Progress(trainer)
+
+
+@dataclass
+class TrainResult:
+    """The final checkpoint (training form) and how long training took."""
+    weights: str
+    epochs: int
+    seconds: float
+    schedule: Dict[str, object] = field(default_factory=dict)
+
+
+def train(config: DetectionConfig, save_dir: str, epochs: Optional[int] = None, seed: int = 0,
+          log: Log = print) -> TrainResult:
+    """Train the config's model from scratch with ``ppdet.engine.Trainer`` on CPU.
+
+    Writes ``save_dir/train/model_final.pdparams`` (and ppdet's ``.pdopt``).
+    ``pretrain_weights`` is honoured only as a local file: nothing is
+    downloaded at run time.
+
+    Raises:
+        ConfigError: a pretrain_weights URL or missing file, or no full batch in the data.
+        TrainingError: the loss became NaN/Inf.
+    """
+    from ppdet.engine import Trainer
+    cfg = config.activate()
+    schedule = set_epochs(cfg, epochs) if epochs is not None else {"epoch": cfg.get("epoch")}
+    cfg["save_dir"] = save_dir
+    cfg["filename"] = "train"  # ppdet's Checkpointer writes to save_dir/filename/
+    pretrain = cfg.get("pretrain_weights")
+    if pretrain and (str(pretrain).startswith(("http://", "https://")) or not os.path.exists(
+            pretrain if str(pretrain).endswith(".pdparams") else f"{pretrain}.pdparams")):
+        raise ConfigError(f"{config.path}: pretrain_weights {pretrain!r} is not a local file; nothing is "
+                          "downloaded here -- remove the key to train from scratch, or give a local .pdparams")
+    if cfg.get("use_gpu") and paddle.is_compiled_with_cuda():
+        paddle.set_device("gpu")
+    else:
+        paddle.set_device("cpu")
+    seed_everything(seed)
+    with _quiet_stdout():
+        trainer = Trainer(cfg, mode="train")
+    if len(trainer.loader) < 1:
+        raise ConfigError(f"{config.path}: TrainReader.batch_size {cfg.TrainReader['batch_size']} is more than "
+                          f"the {len(trainer.dataset)} training images (drop_last); use more images or a "
+                          "smaller batch")
+    if pretrain:
+        trainer.load_weights(pretrain)
+    trainer.model.register_forward_pre_hook(cast_gt_class_to_int64)
+    start = time.perf_counter()
+    trainer.register_callbacks([_progress_callback(trainer, log, start)])
+    trainer.train(validate=False)
+    seconds = time.perf_counter() - start
+    weights = os.path.join(save_dir, "train", "model_final.pdparams")
+    if not os.path.isfile(weights):
+        raise TrainingError(f"training ended but {weights} was not written; check that {save_dir} is writable")
+    return TrainResult(weights, int(cfg.epoch), seconds, schedule)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CocoResult:
+    """COCO bbox evaluation of one model form: the 12 COCOeval numbers and what produced them."""
+    form: str
+    stats: List[float]
+    images: int
+    detections: int
+    seconds: float
+    summary: str = ""
+
+    @property
+    def map(self) -> float:
+        """mAP@[.5:.95]"""
+        return self.stats[0]
+
+    @property
+    def map50(self) -> float:
+        """mAP@.5"""
+        return self.stats[1]
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "stats": dict(zip(COCO_STAT_NAMES, self.stats)), "images": self.images,
+                "detections": self.detections, "seconds": round(self.seconds, 2)}
+
+
+def _coco_metric(anno_file: str, output_eval: str):
+    from ppdet.metrics import COCOMetric
+    os.makedirs(output_eval, exist_ok=True)  # COCOMetric writes bbox.json there
+    with _quiet_stdout():
+        return COCOMetric(anno_file=anno_file, output_eval=output_eval, IouType="bbox")
+
+
+def _accumulate(metric, form: str, images: int, seconds: float) -> CocoResult:
+    """Run COCOeval on what ``metric`` collected; its printed summary is kept in ``output_eval/coco_eval.txt``."""
+    detections = len(metric.results["bbox"])
+    if detections == 0:
+        # COCOMetric evaluates nothing without detections; mAP is 0 by definition
+        summary = "no detections above the NMS score threshold\n"
+        stats = [0.0] * len(COCO_STAT_NAMES)
+    else:
+        with _quiet_stdout() as text:
+            metric.accumulate()
+        summary = text.getvalue()
+        stats = [float(v) for v in metric.get_results()["bbox"]]
+    with open(os.path.join(metric.output_eval, "coco_eval.txt"), "w") as f:
+        f.write(summary)
+    return CocoResult(form, stats, images, detections, seconds, summary)
+
+
+def evaluate_training_form(config: DetectionConfig, weights: str, output_eval: str,
+                           log: Log = print) -> CocoResult:
+    """COCO bbox mAP of the training-form dygraph model: ppdet's EvalReader, model and ``COCOMetric``."""
+    from ppdet.core.workspace import create
+    built = build_model(config, weights=weights, deploy=False)
+    model = built.model
+    model.eval()
+    cfg = config.activate()
+    with _quiet_stdout():
+        dataset = create("EvalDataset")()
+        sampler = paddle.io.BatchSampler(dataset, batch_size=cfg.EvalReader["batch_size"])
+        loader = create("EvalReader")(dataset, cfg.worker_num, sampler)
+    metric = _coco_metric(dataset.get_anno(), output_eval)
+    images = 0
+    start = time.perf_counter()
+    with paddle.no_grad():
+        for data in loader:
+            metric.update(data, model(data))
+            images += int(data["im_id"].shape[0])
+    seconds = time.perf_counter() - start
+    log(f"training form (dygraph): {images} images in {seconds:.1f} s")
+    return _accumulate(metric, "training form (ppdet dygraph)", images, seconds)
+
+
+def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str, cpu_threads: int = 1,
+                      log: Log = print) -> CocoResult:
+    """COCO bbox mAP of an export run through Paddle Inference on every image of a COCO split.
+
+    Images are read and preprocessed as ``infer_cfg.yml`` says (for the shapes
+    config: Resize 320 keep_ratio False interp 2, /255 -- the EvalReader's
+    transforms); detections go into the same ``COCOMetric`` as the training form's.
+    """
+    from .inference import Detector, PredictorOptions, read_image, run
+    detector = Detector(model_dir, PredictorOptions(cpu_threads=cpu_threads))
+    with open(split.annotations) as f:
+        images = sorted(json.load(f)["images"], key=lambda im: im["id"])
+    if not images:
+        raise InferenceError(f"{split.annotations}: no images to evaluate")
+    metric = _coco_metric(split.annotations, output_eval)
+    start = time.perf_counter()
+    for image in images:
+        outputs = run(detector.predictor, detector.preprocess(read_image(os.path.join(split.images,
+                                                                                       image["file_name"]))))
+        if len(outputs) != 2:
+            raise InferenceError(f"{model_dir}: expected (bbox, bbox_num) outputs, got {len(outputs)}; export "
+                                 "with NMS (no --no_nms) to evaluate")
+        bbox, bbox_num = outputs
+        metric.update({"im_id": np.array([[image["id"]]], "int64")}, {"bbox": bbox, "bbox_num": bbox_num})
+    seconds = time.perf_counter() - start
+    log(f"ppfuse export (Paddle Inference): {len(images)} images in {seconds:.1f} s")
+    return _accumulate(metric, "ppfuse export (Paddle Inference)", len(images), seconds)
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def parity_table(results: Sequence[CocoResult]) -> str:
+    """A Markdown table: model form | mAP@[.5:.95] | mAP@.5, then the absolute difference of the first two."""
+    lines = ["| model form | mAP@[.5:.95] | mAP@.5 |", "| --- | --- | --- |"]
+    lines += [f"| {r.form} | {r.map:.4f} | {r.map50:.4f} |" for r in results]
+    if len(results) >= 2:
+        a, b = results[0], results[1]
+        lines.append(f"| absolute difference | {_difference(a.map, b.map)} | {_difference(a.map50, b.map50)} |")
+    return "\n".join(lines)
+
+
+def _difference(a: float, b: float) -> str:
+    # below the table's 4 decimals a difference would print as 0.0000: show it in full instead
+    d = abs(a - b)
+    return "0" if d == 0 else f"{d:.4f}" if d >= 1e-4 else f"{d:.1e}"
