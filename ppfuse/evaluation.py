@@ -36,6 +36,7 @@ import paddle
 
 from .detection import DetectionConfig, build_model
 from .errors import ConfigError, InferenceError, PPFuseError
+from .inference import Detector, PredictorOptions, read_image, run
 
 # the 12 numbers of pycocotools' COCOeval.summarize(), in its order
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -44,7 +45,7 @@ Log = Callable[[str], None]
 
 
 class TrainingError(PPFuseError):
-    """Training stopped: the loss diverged, or the data gave no batch."""
+    """Training stopped: the loss became NaN/Inf, or no checkpoint was written."""
 
 
 @contextlib.contextmanager
@@ -286,6 +287,7 @@ class CocoResult:
     images: int
     detections: int
     seconds: float
+    settings: str = ""
     summary: str = ""
 
     @property
@@ -300,7 +302,7 @@ class CocoResult:
 
     def to_dict(self) -> dict:
         return {"form": self.form, "stats": dict(zip(COCO_STAT_NAMES, self.stats)), "images": self.images,
-                "detections": self.detections, "seconds": round(self.seconds, 2)}
+                "detections": self.detections, "seconds": round(self.seconds, 2), "settings": self.settings}
 
 
 def _coco_metric(anno_file: str, output_eval: str):
@@ -310,7 +312,7 @@ def _coco_metric(anno_file: str, output_eval: str):
         return COCOMetric(anno_file=anno_file, output_eval=output_eval, IouType="bbox")
 
 
-def _accumulate(metric, form: str, images: int, seconds: float) -> CocoResult:
+def _accumulate(metric, form: str, images: int, seconds: float, settings: str) -> CocoResult:
     """Run COCOeval on what ``metric`` collected; its printed summary is kept in ``output_eval/coco_eval.txt``."""
     detections = len(metric.results["bbox"])
     if detections == 0:
@@ -324,7 +326,7 @@ def _accumulate(metric, form: str, images: int, seconds: float) -> CocoResult:
         stats = [float(v) for v in metric.get_results()["bbox"]]
     with open(os.path.join(metric.output_eval, "coco_eval.txt"), "w") as f:
         f.write(summary)
-    return CocoResult(form, stats, images, detections, seconds, summary)
+    return CocoResult(form, stats, images, detections, seconds, settings, summary)
 
 
 def evaluate_training_form(config: DetectionConfig, weights: str, output_eval: str,
@@ -348,36 +350,65 @@ def evaluate_training_form(config: DetectionConfig, weights: str, output_eval: s
             images += int(data["im_id"].shape[0])
     seconds = time.perf_counter() - start
     log(f"training form (dygraph): {images} images in {seconds:.1f} s")
-    return _accumulate(metric, "training form (ppdet dygraph)", images, seconds)
+    return _accumulate(metric, "training form (ppdet dygraph)", images, seconds, "paddle dygraph, ppdet EvalReader")
 
 
-def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str, cpu_threads: int = 1,
-                      log: Log = print) -> CocoResult:
+def _check_repeatable(model_dir: str, predictor, inputs: Dict[str, np.ndarray], settings: str) -> None:
+    """Run the same input twice; a predictor whose second run differs from its first cannot be scored."""
+    first = [o.copy() for o in run(predictor, inputs)]
+    second = run(predictor, inputs)
+    same = len(first) == len(second) and all(
+        a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(first, second))
+    if not same:
+        nan = any(np.isnan(o).any() for o in second if o.dtype.kind == "f")
+        raise InferenceError(f"{model_dir}: Paddle Inference ({settings}) gives different outputs when the same "
+                             f"image is run twice{' (NaN on the second run)' if nan else ''}; its detections "
+                             "cannot be scored. Keep every pass (Paddle 3.3.1 with oneDNN goes wrong after the "
+                             "first run when constant_folding_pass is deleted) or use --onednn off")
+
+
+def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str,
+                      options: Optional[PredictorOptions] = None, log: Log = print) -> CocoResult:
     """COCO bbox mAP of an export run through Paddle Inference on every image of a COCO split.
 
     Images are read and preprocessed as ``infer_cfg.yml`` says (for the shapes
     config: Resize 320 keep_ratio False interp 2, /255 -- the EvalReader's
-    transforms); detections go into the same ``COCOMetric`` as the training form's.
+    transforms); detections go into the same ``COCOMetric`` as the training
+    form's. ``options``: a :class:`ppfuse.inference.PredictorOptions`, default
+    ppfuse's CPU settings on one thread. The predictor is first checked to
+    give the same outputs when run twice on one image.
+
+    Raises:
+        InferenceError: no images, an export without NMS, or a predictor whose
+            repeated runs differ.
     """
-    from .inference import Detector, PredictorOptions, read_image, run
-    detector = Detector(model_dir, PredictorOptions(cpu_threads=cpu_threads))
+    options = options or PredictorOptions(cpu_threads=1)
+    detector = Detector(model_dir, options)
+    deleted = list(options.delete_passes)
+    settings = (f"oneDNN {'on' if options.onednn else 'off'}, "
+                f"{'passes deleted: ' + ', '.join(deleted) if deleted else 'all passes'}, "
+                f"{options.cpu_threads} thread(s)")
     with open(split.annotations) as f:
         images = sorted(json.load(f)["images"], key=lambda im: im["id"])
     if not images:
         raise InferenceError(f"{split.annotations}: no images to evaluate")
+
+    def path(image: dict) -> str:
+        return os.path.join(split.images, image["file_name"])
+
+    _check_repeatable(model_dir, detector.predictor, detector.preprocess(read_image(path(images[0]))), settings)
     metric = _coco_metric(split.annotations, output_eval)
     start = time.perf_counter()
     for image in images:
-        outputs = run(detector.predictor, detector.preprocess(read_image(os.path.join(split.images,
-                                                                                       image["file_name"]))))
+        outputs = run(detector.predictor, detector.preprocess(read_image(path(image))))
         if len(outputs) != 2:
             raise InferenceError(f"{model_dir}: expected (bbox, bbox_num) outputs, got {len(outputs)}; export "
                                  "with NMS (no --no_nms) to evaluate")
         bbox, bbox_num = outputs
         metric.update({"im_id": np.array([[image["id"]]], "int64")}, {"bbox": bbox, "bbox_num": bbox_num})
     seconds = time.perf_counter() - start
-    log(f"ppfuse export (Paddle Inference): {len(images)} images in {seconds:.1f} s")
-    return _accumulate(metric, "ppfuse export (Paddle Inference)", len(images), seconds)
+    log(f"ppfuse export (Paddle Inference, {settings}): {len(images)} images in {seconds:.1f} s")
+    return _accumulate(metric, "ppfuse export (Paddle Inference)", len(images), seconds, settings)
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -397,3 +428,22 @@ def _difference(a: float, b: float) -> str:
     # below the table's 4 decimals a difference would print as 0.0000: show it in full instead
     d = abs(a - b)
     return "0" if d == 0 else f"{d:.4f}" if d >= 1e-4 else f"{d:.1e}"
+
+
+def write_report(output_dir: str, results: Sequence[CocoResult], notes: Sequence[str], record: dict) -> str:
+    """Write ``accuracy.md`` (:func:`parity_table` and notes) and ``accuracy.json`` (``record`` with every
+    COCO number of ``results``) to ``output_dir``; returns the path of ``accuracy.md``."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "accuracy.md")
+    with open(path, "w") as f:
+        f.write("# Accuracy parity\n\n" + parity_table(results) + "\n\n" + "".join(f"- {n}\n" for n in notes))
+    with open(os.path.join(output_dir, "accuracy.json"), "w") as f:
+        json.dump(dict(record, results=[r.to_dict() for r in results]), f, indent=2)
+    return path
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Threads of Paddle's CPU math (dygraph training and evaluation); Paddle Inference has its own setting."""
+    if threads < 1:
+        raise ConfigError(f"--cpu_threads {threads}: use 1 or more")
+    paddle.base.core.set_num_threads(threads)  # no public API for this in Paddle 3.3

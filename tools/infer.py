@@ -28,10 +28,8 @@ def run(argv):
     parser.add_argument("--tensorrt", action="store_true", help="run through TensorRT (GPU only)")
     parser.add_argument("--cpu_threads", type=int, default=2)
     parser.add_argument("--onednn", choices=["on", "off"], default="on", help="oneDNN on CPU (default on)")
-    parser.add_argument("--delete_pass", action="append", default=None, metavar="NAME",
-                        help="delete this Paddle Inference pass (repeatable); replaces ppfuse's default")
-    parser.add_argument("--default_passes", action="store_true",
-                        help="keep every Paddle Inference pass (no ppfuse tuning)")
+    parser.add_argument("--delete_pass", action="append", default=[], metavar="NAME",
+                        help="delete this Paddle Inference pass (repeatable; default: keep every pass)")
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (infer_cfg.yml's)")
     parser.add_argument("--output_dir", default="output", help="annotated images and JSON go here")
     parser.add_argument("--print_max", type=int, default=20, help="detections printed per image (all go to JSON)")
@@ -41,7 +39,7 @@ def run(argv):
     from ppfuse.errors import InferenceError
     options = inference.PredictorOptions(
         device=args.device, precision=args.precision, tensorrt=args.tensorrt, cpu_threads=args.cpu_threads,
-        onednn=args.onednn == "on", delete_passes=[] if args.default_passes else args.delete_pass)
+        onednn=args.onednn == "on", delete_passes=args.delete_pass)
     images = inference.list_images(args.image_file or args.image_dir)
     images = [inference.read_image(p) for p in images], images
     detector = inference.Detector(args.model_dir, options)

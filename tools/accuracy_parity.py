@@ -1,0 +1,100 @@
+"""Accuracy parity: COCO mAP of a trained PP-YOLOE+ in training form and as a ppfuse export.
+
+    python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
+        [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...]
+
+1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
+   val seed 1) unless it is already there;
+2. trains from scratch with ppdet's Trainer on CPU (nothing is downloaded) -> <output_dir>/train/;
+   --weights PATH skips training and evaluates that checkpoint instead;
+3. COCO bbox mAP of the training-form dygraph model (ppdet's EvalReader and COCOMetric);
+4. exports with ppfuse -> <output_dir>/inference/<config name>/ and runs every val image through
+   Paddle Inference into the same COCOMetric;
+5. prints a Markdown table and writes it to <output_dir>/accuracy.md (numbers: accuracy.json).
+
+Run from the repository root (dataset and output paths are relative, as in PaddleDetection).
+For one core: OMP_NUM_THREADS=1 and --cpu_threads 1 (the default).
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from ppfuse import cli  # noqa: E402
+
+DEFAULT_CONFIG = "configs/shapes/ppyoloe_plus_crn_s_shapes.yml"
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def run(argv):
+    parser = cli.base_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"PaddleDetection YAML config "
+                        f"(default {DEFAULT_CONFIG})")
+    parser.add_argument("-o", "--opt", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's "
+                        "'epoch'); the LR cosine and ATSS->TAL switch scale with it")
+    parser.add_argument("--train_images", type=int, default=300, help="generated training images")
+    parser.add_argument("--val_images", type=int, default=100, help="generated validation images")
+    parser.add_argument("--output_dir", default=None, help="checkpoints, export, evaluation files, "
+                        "accuracy.md (default: the config's save_dir)")
+    parser.add_argument("--weights", default=None, help="evaluate this training checkpoint; skip training")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training (shuffling, augmentation, init)")
+    parser.add_argument("--cpu_threads", type=int, default=1, help="CPU threads of training, dygraph "
+                        "evaluation and Paddle Inference")
+    parser.add_argument("--onednn", choices=["on", "off"], default="on", help="oneDNN in Paddle Inference")
+    parser.add_argument("--delete_pass", action="append", default=[], metavar="NAME",
+                        help="delete this Paddle Inference pass (repeatable); default: keep every pass")
+    args = parser.parse_args(argv)
+
+    from ppfuse import detection, evaluation, export
+    from ppfuse.errors import ConfigError
+    if args.weights and args.epochs is not None:
+        raise ConfigError("--weights skips training, so --epochs has no effect; give one of them")
+    evaluation.set_cpu_threads(args.cpu_threads)
+    config = detection.load_config(args.config, args.opt)
+    if config.get("metric") != "COCO":
+        raise ConfigError(f"{args.config}: metric is {config.get('metric')!r}; accuracy parity measures COCO "
+                          "bbox mAP (metric: COCO)")
+    output_dir = args.output_dir or config.get("save_dir") or "output/shapes"
+    evaluation.ensure_shapes_dataset(config, args.train_images, args.val_images, log=log)
+
+    if args.weights:
+        weights, trained = args.weights, None
+        log(f"training skipped: evaluating {weights}")
+    else:
+        trained = evaluation.train(config, output_dir, epochs=args.epochs, seed=args.seed, log=log)
+        weights = trained.weights
+        log(f"trained {trained.epochs} epochs in {trained.seconds / 60:.1f} min -> {weights}")
+
+    eval_dir = os.path.join(output_dir, "eval")
+    training_form = evaluation.evaluate_training_form(config, weights, os.path.join(eval_dir, "training"), log=log)
+    start = time.perf_counter()
+    exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, log=log)
+    log(f"exported to {exported.directory}/ in {time.perf_counter() - start:.1f} s")
+    from ppfuse.inference import PredictorOptions
+    options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",
+                               delete_passes=args.delete_pass)
+    deployed = evaluation.evaluate_exported(exported.directory, evaluation.dataset_split(config, "EvalDataset"),
+                                            os.path.join(eval_dir, "export"), options, log=log)
+
+    results = [training_form, deployed]
+    command = " ".join(["python tools/accuracy_parity.py"] + list(argv))
+    notes = [f"config: `{args.config}`, weights: `{weights}`, {training_form.images} val images",
+             f"Paddle Inference: {deployed.settings}", f"command: `{command}`"]
+    if trained is not None:
+        notes.append(f"training: {trained.epochs} epochs, {args.train_images} images, "
+                     f"{trained.seconds / 60:.1f} min on {args.cpu_threads} CPU thread(s)")
+    record = {"config": args.config, "weights": weights, "command": command,
+              "train_seconds": trained.seconds if trained else None,
+              "schedule": {k: str(v) for k, v in trained.schedule.items()} if trained else None}
+    path = evaluation.write_report(output_dir, results, notes, record)
+    print("\n" + evaluation.parity_table(results) + f"\n\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))
