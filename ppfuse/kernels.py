@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import paddle
 
 from .errors import KernelError
@@ -44,6 +45,22 @@ def _as_tuple(size: Size, ndim: int, what: str) -> Tuple[int, ...]:
 
 def _f64(x: Tensor) -> Tensor:
     return paddle.cast(x, FOLD_DTYPE)
+
+
+# The two transforms every conversion runs (one per BatchNorm, one per block) compute in numpy:
+# Paddle's float64 elementwise kernels on CPU are ~5x slower than its float32 ones, numpy's are not.
+_NUMPY_FLOATS = {paddle.float16: np.float16, paddle.float32: np.float32, paddle.float64: np.float64}
+
+
+def _np64(x: Tensor) -> np.ndarray:
+    return np.asarray(x.numpy(), dtype=np.float64)
+
+
+def _tensor(values: np.ndarray, dtype) -> Tensor:
+    """``values`` (float64) as a tensor of ``dtype``."""
+    if dtype in _NUMPY_FLOATS:
+        return paddle.to_tensor(values.astype(_NUMPY_FLOATS[dtype]))
+    return paddle.cast(paddle.to_tensor(values), dtype)
 
 
 def _zeros_bias(kernel: Tensor, transposed: bool = False, groups: int = 1) -> Tensor:
@@ -82,12 +99,12 @@ def fold_bn(kernel: Tensor,
         ``(kernel, bias)`` of one conv, in ``kernel``'s dtype.
     """
     dtype = kernel.dtype
-    mean, var = _f64(running_mean), _f64(running_var)
+    mean, var = _np64(running_mean), _np64(running_var)
     out_channels = mean.shape[0]
-    gamma = paddle.ones([out_channels], FOLD_DTYPE) if gamma is None else _f64(gamma)
-    beta = paddle.zeros([out_channels], FOLD_DTYPE) if beta is None else _f64(beta)
-    scale = gamma / paddle.sqrt(var + float(epsilon))
-    w = _f64(kernel)
+    gamma = np.ones(out_channels) if gamma is None else _np64(gamma)
+    beta = np.zeros(out_channels) if beta is None else _np64(beta)
+    scale = gamma / np.sqrt(var + float(epsilon))
+    w = _np64(kernel)
     spatial = [1] * (len(kernel.shape) - 2)
     if transposed:
         in_channels = w.shape[0]
@@ -98,9 +115,9 @@ def fold_bn(kernel: Tensor,
         if kernel.shape[0] != out_channels:
             raise KernelError(f"kernel has {kernel.shape[0]} output channels, BatchNorm has {out_channels}")
         w = w * scale.reshape([-1, 1] + spatial)
-    b = paddle.zeros([out_channels], FOLD_DTYPE) if bias is None else _f64(bias)
+    b = np.zeros(out_channels) if bias is None else _np64(bias)
     new_bias = beta + (b - mean) * scale
-    return paddle.cast(w, dtype), paddle.cast(new_bias, dtype)
+    return _tensor(w, dtype), _tensor(new_bias, dtype)
 
 
 def identity_kernel(channels: int,
@@ -144,6 +161,8 @@ def pad_kernel(kernel: Tensor, size: Size) -> Tensor:
         pads.append((want - have) // 2)
     if not any(pads):
         return kernel
+    if kernel.dtype in _NUMPY_FLOATS:  # the fast path, as in fold_bn
+        return paddle.to_tensor(np.pad(kernel.numpy(), [(0, 0), (0, 0)] + [(p, p) for p in pads]))
     # paddle's pad lists the last dim first: [w_lo, w_hi, h_lo, h_hi, ...]
     flat = []
     for p in reversed(pads):
@@ -168,16 +187,16 @@ def merge_parallel(branches: Sequence[KernelBias],
         raise KernelError(f"{len(branches)} branches but {len(scales)} scales")
     dtype = branches[0][0].dtype
     shape = list(branches[0][0].shape)
-    kernel = paddle.zeros(shape, FOLD_DTYPE)
-    bias = paddle.zeros([shape[0]], FOLD_DTYPE)
+    kernel = np.zeros(shape)
+    bias = np.zeros(shape[0])
     for (k, b), s in zip(branches, scales):
         if list(k.shape) != shape:
             raise KernelError(f"cannot add kernels of shapes {shape} and {list(k.shape)}; pad them first")
-        s = 1.0 if s is None else (_f64(s).reshape([]) if isinstance(s, Tensor) else float(s))
-        kernel = kernel + s * _f64(k)
+        s = 1.0 if s is None else (float(_np64(s).reshape(())) if isinstance(s, Tensor) else float(s))
+        kernel += s * _np64(k)
         if b is not None:
-            bias = bias + s * _f64(b)
-    return paddle.cast(kernel, dtype), paddle.cast(bias, dtype)
+            bias += s * _np64(b)
+    return _tensor(kernel, dtype), _tensor(bias, dtype)
 
 
 def merge_sequential(first: KernelBias, second: KernelBias, groups: int = 1) -> KernelBias:
