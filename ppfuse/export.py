@@ -31,14 +31,16 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import checkpoint, layers
-from .detection import BuiltModel, DetectionConfig, DetectorForInference, build_model, sample_inputs  # noqa: F401
+from .detection import (BuiltModel, DetectionConfig, DetectorForInference, build_model,  # noqa: F401
+                        raw_outputs_float64, sample_inputs)
 from .errors import ConfigError, ExportError, VerificationError
-from .verify import VerificationResult, verify
+from .verify import VerificationResult, compare, rounding_check
 
 MODEL_FILE = "model"
 DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"
-COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "if", "nearest_interp", "multiclass_nms3")
+COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "add_tensors", "if", "nearest_interp",
+               "multiclass_nms3")
 
 # whole-model tolerance of the export check, on boxes / input size and scores (both O(1)).
 # Measured fp32 differences: ~1e-5 (PP-YOLOE+ s, 320); the fp32 training form itself is
@@ -123,7 +125,11 @@ def count_ops(model_dir: str) -> Dict[str, int]:
     """Op counts of a saved PIR program (``model.json``), ops inside ``if``/loop regions included.
 
     Names lose their dialect prefix and the trailing ``_`` of in-place variants
-    (``pd_op.batch_norm_`` counts as ``batch_norm``).
+    (``pd_op.batch_norm_`` counts as ``batch_norm``). ``add_tensors`` counts the
+    adds whose two inputs both depend on the model's inputs -- residual
+    shortcuts and re-param branch sums, as opposed to a conv's bias add (one
+    input a parameter): a converted model has as many as the plain network has
+    shortcuts.
     """
     path = program_file(model_dir)
     if not path.endswith(".json"):
@@ -131,12 +137,23 @@ def count_ops(model_dir: str) -> Dict[str, int]:
     with open(path) as f:
         program = json.load(f)
     counts: Counter = Counter()
+    from_inputs = set()  # ids of values computed from the feeds
+
+    def ids(values):
+        values = values if isinstance(values, list) else [values]
+        return [v["%"] for v in values if isinstance(v, dict) and "%" in v]
 
     def walk_regions(regions):
         for region in regions or []:
             for block in region.get("blocks", []):
                 for op in block.get("ops", []):
-                    counts[op["#"].split(".")[-1].rstrip("_")] += 1
+                    name = op["#"].split(".")[-1].rstrip("_")
+                    counts[name] += 1
+                    inputs = ids(op.get("I", []))
+                    if name == "data" or any(i in from_inputs for i in inputs):
+                        from_inputs.update(ids(op.get("O", [])))
+                    if name == "add" and len(inputs) == 2 and all(i in from_inputs for i in inputs):
+                        counts["add_tensors"] += 1
                     walk_regions(op.get("regions"))
     walk_regions(program["program"]["regions"])
     return dict(counts)
@@ -147,14 +164,30 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
     """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image.
 
     Boxes are compared as fractions of the input size, so one tolerance fits
-    boxes and scores (both O(1)).
+    boxes and scores (both O(1)). Above tolerance, the training form is also
+    evaluated in float64: some models (PP-YOLOE+ l with random weights: ~1 px
+    at 640) amplify fp32 rounding beyond any fixed tolerance, and then the
+    deployed model passes if it is no further from float64 than twice the
+    training form's own fp32 error (:func:`ppfuse.verify.rounding_check`).
+    Raises :class:`VerificationError` otherwise.
     """
-    original = DetectorForInference(training_model, with_nms=False)
-    converted = DetectorForInference(deployed, with_nms=False)
     image, scale = sample_inputs(size, 1, seed)
     extent = float(max(size))
-    return verify(original, converted, [(image, scale)], atol=atol, rtol=rtol, what="deployed model",
-                  output_names=lambda out: {"boxes_over_size": out[0] / extent, "scores": out[1]})
+
+    def named(boxes, scores):
+        return {"boxes_over_size": np.asarray(boxes, np.float64) / extent, "scores": np.asarray(scores)}
+
+    def run(model):
+        with paddle.no_grad():
+            return named(*(t.numpy() for t in DetectorForInference(model, with_nms=False)(image, scale)))
+    original, candidate = run(training_model), run(deployed)
+    result = compare(original, candidate, atol, rtol)
+    if not result.within_tolerance:
+        result.rounding = rounding_check(original, candidate, named(*raw_outputs_float64(training_model, image,
+                                                                                           scale)))
+    if not result.ok:
+        raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
+    return result
 
 
 @dataclass

@@ -178,9 +178,19 @@ def test_deploy_checkpoint_without_deploy_true(tmp_path, capsys):
         detection.build_model(config)
 
 
-def test_verification_above_tolerance_writes_nothing(capsys, out_dir):
-    expect_error(EXPORT, ["-c", TEST_CONFIG, "--atol", "0", "--rtol", "0", "--output_dir", out_dir], capsys,
-                 r"deployed model differs from the original beyond tolerance", out_dir)
+def test_verification_above_tolerance_writes_nothing(capsys, out_dir, monkeypatch):
+    """A conversion bug (every folded bias off by 0.01) is caught: beyond 1e-4 and further from a
+    float64 evaluation than fp32 rounding puts the training form."""
+    from ppfuse import kernels
+    real = kernels.fold_bn
+
+    def buggy(*args, **kwargs):
+        kernel, bias = real(*args, **kwargs)
+        return kernel, bias + 0.01
+    monkeypatch.setattr(kernels, "fold_bn", buggy)
+    line = expect_error(EXPORT, ["-c", TEST_CONFIG, "--output_dir", out_dir], capsys,
+                        r"deployed model differs from the original beyond tolerance", out_dir)
+    assert "BEYOND 2x the original's" in line
 
 
 def test_output_directory_not_writable(tmp_path, capsys):

@@ -50,13 +50,7 @@ def assert_detector_close(actual, expected):
 def test_deployed_fp32_is_as_close_to_float64_as_the_training_form(built, inputs):
     """The conversion adds no error beyond fp32 rounding: against a float64 run of the training
     form, the deployed fp32 model deviates no more than the training-form fp32 model does."""
-    import copy
-    model64 = copy.deepcopy(built.training_model)
-    model64.to(dtype="float64")
-    head = model64.yolo_head
-    head.anchor_points = head.anchor_points.astype("float64")
-    head.stride_tensor = head.stride_tensor.astype("float64")
-    truth = raw(model64, tuple(t.astype("float64") for t in inputs))
+    truth = detection.raw_outputs_float64(built.training_model, *inputs)
     for i, name in enumerate(("boxes", "scores")):
         train_error = np.abs(raw(built.training_model, inputs)[i] - truth[i]).max()
         deploy_error = np.abs(raw(built.model, inputs)[i] - truth[i]).max()
@@ -107,16 +101,36 @@ def test_export_writes_every_file_and_a_clean_program(exported):
     ops = result.op_counts
     assert ops.get("batch_norm", 0) == 0 and ops.get("if", 0) == 0 and ops.get("nearest_interp", 0) == 0
     assert ops["conv2d"] > 50
+
+
+def test_exported_adds_of_two_activations_are_the_residuals_only(built, exported):
+    """No re-param branch sum is left: the adds of two activations are exactly the residual
+    shortcuts of CSPResNet's BasicBlocks and the head's ESE residual (one per level)."""
+    from ppdet.modeling.backbones.cspresnet import BasicBlock
+    shortcuts = sum(1 for s in built.model.sublayers() if isinstance(s, BasicBlock) and s.shortcut)
+    levels = len(built.model.yolo_head.fpn_strides)
+    result, _ = exported
+    assert shortcuts > 0 and result.op_counts["add_tensors"] == shortcuts + levels
     assert not [n for n in os.listdir(os.path.dirname(result.directory)) if n.startswith(".ppfuse")]
 
 
-def test_paddle_inference_matches_training_form(built, exported, inputs):
-    """Default (fastest) CPU settings: oneDNN on, constant folding deleted."""
+def test_paddle_inference_matches_training_form_on_every_run(built, exported, inputs):
+    """Default CPU settings (oneDNN on, every pass kept), run three times: a predictor can be right
+    on its first run only (Paddle 3.3.1 with oneDNN and constant_folding_pass deleted is)."""
     _, raw_result = exported
     predictor = inference.create_predictor(raw_result.directory)
-    got = inference.run(predictor, {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()})
+    feed = {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()}
     expected = raw(built.training_model, inputs)
-    assert_detector_close(got, expected)
+    for _ in range(3):
+        assert_detector_close(inference.run(predictor, feed), expected)
+
+
+def test_deleting_constant_folding_with_onednn_warns(exported, capfd):
+    _, raw_result = exported
+    inference.create_predictor(raw_result.directory, inference.PredictorOptions(
+        delete_passes=["constant_folding_pass"]))
+    err = capfd.readouterr().err
+    assert "WARNING: deleting constant_folding_pass with oneDNN on" in err and "second run" in err
 
 
 def test_paddle_inference_nms_detections_match_dygraph(built, exported, inputs):
@@ -124,13 +138,14 @@ def test_paddle_inference_nms_detections_match_dygraph(built, exported, inputs):
     image, scale = inputs[0][:1], inputs[1][:1]
     with paddle.no_grad():
         bbox, num = export.DetectorForInference(built.training_model)(image, scale)
-    for options in (inference.PredictorOptions(), inference.PredictorOptions(delete_passes=[]),
-                    inference.PredictorOptions(onednn=False)):
-        got_bbox, got_num = inference.run(inference.create_predictor(result.directory, options),
-                                          {"image": image.numpy(), "scale_factor": scale.numpy()})
-        np.testing.assert_array_equal(got_num, num.numpy())
-        np.testing.assert_array_equal(got_bbox[:, 0], bbox.numpy()[:, 0])
-        np.testing.assert_allclose(got_bbox[:, 1:], bbox.numpy()[:, 1:], atol=1e-3, rtol=1e-4)
+    assert int(num.numpy().sum()) > 0, "no detections: the comparison would prove little"
+    for options in (inference.PredictorOptions(), inference.PredictorOptions(onednn=False)):
+        predictor = inference.create_predictor(result.directory, options)
+        for _ in range(2):  # the second run too
+            got_bbox, got_num = inference.run(predictor, {"image": image.numpy(), "scale_factor": scale.numpy()})
+            np.testing.assert_array_equal(got_num, num.numpy())
+            np.testing.assert_array_equal(got_bbox[:, 0], bbox.numpy()[:, 0])
+            np.testing.assert_allclose(got_bbox[:, 1:], bbox.numpy()[:, 1:], atol=1e-3, rtol=1e-4)
 
 
 def test_deploy_checkpoint_loads_with_deploy_true(config, exported, built, inputs):

@@ -43,8 +43,10 @@ def run(argv):
     conversion = result.built.conversion
     if conversion is not None:
         print(conversion.summary().splitlines()[0])
-    counts = {op: result.op_counts.get(op, 0) for op in ("conv2d", "batch_norm", "add", "if")}
-    print("saved program ops: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    ops = result.op_counts
+    print(f"saved program ops: conv2d {ops.get('conv2d', 0)}, batch_norm {ops.get('batch_norm', 0)}, "
+          f"if {ops.get('if', 0)}, add {ops.get('add', 0)} (of which {ops.get('add_tensors', 0)} add two "
+          "activations: the residual shortcuts; the rest are conv biases)")
     print(f"wrote {result.directory}/ (" + ", ".join(sorted(os.listdir(result.directory))) + ")")
     return 0
 
