@@ -10,10 +10,22 @@ images, alpha != 1), each exported by :func:`ppfuse.export.save_inference_model`
   Conv+BN folded. Its program is already the plain network (one conv with
   bias per block, no BatchNorm), so no separate "plain" variant is built.
 
-Runtimes: CPU with oneDNN and Paddle Inference's default passes, CPU with
-oneDNN and ppfuse's settings (``constant_folding_pass`` deleted), CPU without
-oneDNN; GPU rows only on a CUDA build with a device. Latency rounds are
-interleaved (A B C A B C ...) so machine drift hits every variant alike.
+Runtimes: CPU with oneDNN and Paddle Inference's default passes, CPU without
+oneDNN, ONNX Runtime for the ppfuse export (with the optional packages), any
+extra "oneDNN minus these passes" rows asked for, and GPU rows only on a CUDA
+build with a device. Latency rounds are interleaved (A B C A B C ...) so
+machine drift hits every variant alike.
+
+By default the exported programs end before NMS: NMS is the same in every
+variant, and with random weights it has thousands of candidate boxes a
+trained model never gives it (on PP-YOLOE+ s at 640 it took ~150 of ~370 ms),
+so it would hide the part re-parameterization changes. ``with_nms=True``
+measures the whole detector.
+
+Parity is checked on the second run of each predictor and again on its last
+timed run, never only on the first: Paddle Inference 3.3.1 with oneDNN and
+``constant_folding_pass`` deleted is right on the first run of a conv with
+bias and an activation, and wrong (NaN on PP-YOLOE) on every later one.
 """
 from __future__ import annotations
 
@@ -24,19 +36,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import paddle
 
 from . import inference, layers
 from .convert import convert
-from .detection import DetectionConfig, DetectorForInference, build_model, sample_inputs
-from .export import count_ops, save_inference_model, verify_deployed
-from .verify import compare_detections
+from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
+from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, save_inference_model, verify_deployed
+from .verify import compare, compare_detections, rounding_check
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
-COUNTED = ("conv2d", "batch_norm", "add", "if")
+COUNTED = ("conv2d", "batch_norm", "add", "add_tensors", "if")
 
 
 @dataclass
@@ -45,13 +57,18 @@ class Runtime:
     options: inference.PredictorOptions
 
 
-def cpu_runtimes(threads: int) -> List[Runtime]:
-    return [
-        Runtime("CPU oneDNN, default passes", inference.PredictorOptions(cpu_threads=threads, delete_passes=[])),
-        Runtime("CPU oneDNN, ppfuse passes", inference.PredictorOptions(
-            cpu_threads=threads, delete_passes=["constant_folding_pass"])),
-        Runtime("CPU no oneDNN", inference.PredictorOptions(cpu_threads=threads, onednn=False, delete_passes=[])),
-    ]
+BASE_RUNTIME = "CPU oneDNN, default passes"
+
+
+def cpu_runtimes(threads: int, extra_deleted: Sequence[Sequence[str]] = ()) -> List[Runtime]:
+    """oneDNN with every pass, oneDNN minus each given pass set, and no oneDNN."""
+    runtimes = [Runtime(BASE_RUNTIME, inference.PredictorOptions(cpu_threads=threads, delete_passes=[]))]
+    for passes in extra_deleted:
+        runtimes.append(Runtime("CPU oneDNN, deleting " + " + ".join(passes), inference.PredictorOptions(
+            cpu_threads=threads, delete_passes=list(passes))))
+    runtimes.append(Runtime("CPU no oneDNN", inference.PredictorOptions(cpu_threads=threads, onednn=False,
+                                                                        delete_passes=[])))
+    return runtimes
 
 
 def gpu_runtimes() -> List[Runtime]:
@@ -150,7 +167,7 @@ def peak_flops() -> (float, str):
     return mhz * 1e6 * per_cycle, f"{mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({unit}) per core"
 
 
-def export_variants(config: DetectionConfig, workdir: str, log: Callable = print):
+def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print):
     """Build the random-weight model once and export the three variants; returns their results."""
     size = config.input_size()
     built = build_model(config, deploy=False, seed=0)
@@ -175,13 +192,14 @@ def export_variants(config: DetectionConfig, workdir: str, log: Callable = print
             verify_seconds = time.perf_counter() - start
         result = VariantResult(name, directory, {}, 0, prepare, verify_seconds)
         try:
-            save_inference_model(model, os.path.join(directory, "model"), size, with_nms=True)
+            save_inference_model(model, os.path.join(directory, "model"), size, with_nms=with_nms)
             result.ops = count_ops(directory)
             result.params_bytes = os.path.getsize(os.path.join(directory, "model.pdiparams"))
             if name == "ppfuse deploy" and onnx_available():
                 from . import onnx_support
                 staging = os.path.join(directory, "onnx_source")
-                save_inference_model(model, os.path.join(staging, "model"), size, True, topk_before_nms=True)
+                save_inference_model(model, os.path.join(staging, "model"), size, with_nms,
+                                     topk_before_nms=with_nms)
                 onnx_support.to_onnx(staging, os.path.join(directory, onnx_support.ONNX_FILE))
         except Exception as exc:  # a variant that cannot be exported is a result, not a crash
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -190,16 +208,63 @@ def export_variants(config: DetectionConfig, workdir: str, log: Callable = print
     return built, results
 
 
-def reference_detections(model, size: List[int], batch: int):
+@dataclass
+class Reference:
+    """The training-form dygraph model's outputs on one batch (fp32; float64 too without NMS)."""
+    outputs: List[np.ndarray]
+    float64: Optional[List[np.ndarray]] = None
+
+
+def reference_outputs(model, size: List[int], batch: int, with_nms: bool):
+    """Inputs of one batch and the training-form model's outputs on them."""
     image, scale = sample_inputs(size, batch, 7)
     with paddle.no_grad():
-        bbox, num = DetectorForInference(model)(image, scale)
-    return {"image": image.numpy(), "scale_factor": scale.numpy()}, bbox.numpy(), num.numpy()
+        outputs = [o.numpy() for o in DetectorForInference(model, with_nms=with_nms)(image, scale)]
+    exact = None if with_nms else list(raw_outputs_float64(model, image, scale))
+    return {"image": image.numpy(), "scale_factor": scale.numpy()}, Reference(outputs, exact)
+
+
+def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool):
+    """``(ok, description)``: detections (with NMS) or boxes and scores (without) against the reference.
+
+    The export check's criterion: atol/rtol 1e-4 on scores and on boxes as fractions of the input
+    size, or, beyond it, no further from float64 than twice the training form's fp32 error.
+    """
+    if with_nms:
+        return compare_detections(reference.outputs, outputs, DEFAULT_ATOL * max(size))
+    extent = float(max(size))
+    if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
+        return False, f"different outputs ({[list(o.shape) for o in outputs]})"
+
+    def named(values):
+        return {"boxes": np.asarray(values[0], np.float64) / extent, "scores": np.asarray(values[1])}
+    result = compare(named(reference.outputs), named(outputs), DEFAULT_ATOL, DEFAULT_RTOL)
+    boxes, scores = result.outputs
+    text = f"box diff {boxes.max_abs * extent:.2g} px, score diff {scores.max_abs:.2g}"
+    if not result.within_tolerance:
+        rounding = rounding_check(named(reference.outputs), named(outputs), named(reference.float64))
+        text += (f"; from float64: box {rounding.candidate_error['boxes'] * extent:.2g} px, score "
+                 f"{rounding.candidate_error['scores']:.2g} (training form fp32: box "
+                 f"{rounding.original_error['boxes'] * extent:.2g} px, score "
+                 f"{rounding.original_error['scores']:.2g})")
+        return rounding.ok, ("same within fp32 rounding (" if rounding.ok else "differ: ") + text + \
+            (")" if rounding.ok else "")
+    return True, "same (" + text + ")"
+
+
+def _check_twice(call, reference: Reference, size, with_nms) -> str:
+    """Parity of the second run (a predictor can be right on its first run only), noting a right first run."""
+    first = [o.copy() for o in call()]
+    second = call()
+    ok, text = parity(reference, second, size, with_nms)
+    if not ok and parity(reference, first, size, with_nms)[0]:
+        text += "; the first run was right"
+    return text if ok else "FAILS: " + text
 
 
 def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_by_batch, references,
-            runs: int, warmup: int, box_tolerance: float, progress=None) -> List[Measurement]:
-    """Interleaved latency of every (variant, runtime) pair, per batch size."""
+            runs: int, warmup: int, size: List[int], with_nms: bool, progress=None) -> List[Measurement]:
+    """Interleaved latency of every (variant, runtime) pair, per batch size; parity on repeated runs."""
     results = []
     for batch, inputs in inputs_by_batch.items():
         cells = []
@@ -220,22 +285,26 @@ def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_
                         else:
                             predictor = inference.create_predictor(variant.directory, runtime.options)
                             call = (lambda predictor=predictor: inference.run(predictor, inputs))
-                        ref_bbox, ref_num = references[batch]
-                        cell.parity = compare_detections((ref_bbox, ref_num), call(), box_tolerance)[1]
+                        cell.parity = _check_twice(call, references[batch], size, with_nms)
                         cells.append((cell, call))
                     except Exception as exc:
                         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
                 results.append(cell)
+        last = {}
         for round_index in range(warmup + runs):
-            for cell, call in cells:
+            for index, (cell, call) in enumerate(cells):
                 start = time.perf_counter()
-                call()
+                last[index] = call()
                 elapsed = time.perf_counter() - start
                 if round_index >= warmup:
                     cell.times.append(elapsed)
                 if progress:
                     progress()
-        del cells
+        for index, (cell, _) in enumerate(cells):  # still right after all the runs?
+            ok, text = parity(references[batch], last[index], size, with_nms)
+            if not ok and not cell.parity.startswith("FAILS"):
+                cell.parity = f"FAILS on the last timed run: {text}"
+        del cells, last
     return results
 
 
@@ -284,6 +353,7 @@ class BenchmarkResult:
     flops: float
     memory: Dict[str, float]
     threads: int
+    with_nms: bool = False
 
     def cell(self, variant: str, runtime: str, batch: int) -> Optional[Measurement]:
         return next((m for m in self.measurements
@@ -291,18 +361,18 @@ class BenchmarkResult:
 
 
 def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs: int = 30, warmup: int = 3,
-                  batches=(1, 2), memory: bool = True, root: str = ".", log: Callable = print) -> BenchmarkResult:
+                  batches=(1, 2), memory: bool = True, root: str = ".", with_nms: bool = False,
+                  extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print) -> BenchmarkResult:
     """Export the variants of ``config``'s model and measure them side by side."""
     paddle.set_device("cpu")
     size = config.input_size()
-    built, variants = export_variants(config, workdir, log)
-    runtimes = cpu_runtimes(threads) + gpu_runtimes()
+    built, variants = export_variants(config, workdir, with_nms, log)
+    runtimes = cpu_runtimes(threads, extra_deleted) + gpu_runtimes()
     if onnx_available():
         runtimes.append(Runtime(ONNX_RUNTIME, inference.PredictorOptions(cpu_threads=threads)))
     inputs_by_batch, references = {}, {}
     for batch in batches:
-        inputs, bbox, num = reference_detections(built.training_model, size, batch)
-        inputs_by_batch[batch], references[batch] = inputs, (bbox, num)
+        inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch, with_nms)
     flops = conv_flops(built.training_model, size)
     ok = sum(1 for v in variants.values() if not v.error)
     total = ok * len(runtimes) * len(batches) * (runs + warmup)  # an upper bound: ONNX only for one variant
@@ -312,31 +382,36 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
         tick = lambda: bar.update(1)  # noqa: E731
     except ImportError:
         bar, tick = None, None
-    # the export check's tolerance, in pixels: 1e-4 of the input size
-    measurements = measure(variants, runtimes, inputs_by_batch, references, runs, warmup, 1e-4 * max(size), tick)
+    measurements = measure(variants, runtimes, inputs_by_batch, references, runs, warmup, size, with_nms, tick)
     if bar:
         bar.close()
     mem = export_memory(os.path.abspath(config.path), root, workdir) if memory else {}
-    return BenchmarkResult(config, variants, measurements, flops, mem, threads)
+    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms)
 
 
 def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
     """The tables of one config's run."""
     cfg = result.config
-    base_runtime = "CPU oneDNN, default passes"
+    scope = ("the whole detector, NMS included" if result.with_nms else
+             "image to boxes and scores, before NMS (NMS is the same in every variant)")
     lines = [f"### {cfg.name} ({cfg.input_size()[0]}x{cfg.input_size()[1]}, random weights)", "",
-             "| variant | runtime | batch | median ms | p90 ms | vs ppdet path, default passes | detections vs dygraph |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             f"Latency of {scope}.", "",
+             "| variant | runtime | batch | median ms | p90 ms | vs ppdet path, same runtime | "
+             "vs ppdet path, default passes | outputs vs dygraph (2nd and last run) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in result.measurements:
-        base = result.cell("ppdet path", base_runtime, m.batch)
         if m.error:
-            lines.append(f"| {m.variant} | {m.runtime} | {m.batch} | - | - | - | fails: {m.error} |")
+            lines.append(f"| {m.variant} | {m.runtime} | {m.batch} | - | - | - | - | fails: {m.error} |")
             continue
-        ratio = m.median / base.median if base and base.times else float("nan")
+        ratios = []
+        for runtime in (m.runtime, BASE_RUNTIME):
+            base = result.cell("ppdet path", runtime, m.batch)
+            ratios.append(f"{m.median / base.median:.3f}x" if base and base.times else "-")
         lines.append(f"| {m.variant} | {m.runtime} | {m.batch} | {m.median * 1e3:.1f} | {m.p90 * 1e3:.1f} | "
-                     f"{ratio:.2f}x | {m.parity} |")
-    lines += ["", "| variant | conv2d | batch_norm | add | if | params MB | conversion s | verification s |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                     f"{ratios[0]} | {ratios[1]} | {m.parity} |")
+    lines += ["", "| variant | conv2d | batch_norm | add | add of two activations | if | params MB | conversion s | "
+              "verification s |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v in result.variants.values():
         if v.error:
             lines.append(f"| {v.name} | export failed: {v.error} | | | | | | |")
@@ -344,12 +419,12 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
         counts = " | ".join(str(v.ops.get(op, 0)) for op in COUNTED)
         lines.append(f"| {v.name} | {counts} | {v.params_bytes / 2**20:.1f} | {v.prepare_seconds:.3f} | "
                      f"{v.verify_seconds:.3f} |")
-    best = result.cell("ppfuse deploy", "CPU oneDNN, ppfuse passes", 1)
-    base = result.cell("ppdet path", base_runtime, 1)
+    best = result.cell("ppfuse deploy", BASE_RUNTIME, 1)
+    base = result.cell("ppdet path", BASE_RUNTIME, 1)
     lines.append("")
     if best and best.times and base and base.times:
-        lines.append(f"- ppfuse deploy with ppfuse passes vs ppdet path with default passes, batch 1: "
-                     f"**{best.median / base.median:.2f}x** latency ({best.median * 1e3:.1f} ms vs "
+        lines.append(f"- ppfuse deploy vs ppdet path, both with oneDNN and default passes, batch 1: "
+                     f"**{best.median / base.median:.3f}x** latency ({best.median * 1e3:.1f} ms vs "
                      f"{base.median * 1e3:.1f} ms)")
         rate = result.flops / best.median
         lines.append(f"- model {result.flops / 1e9:.2f} GFLOP per image (2 x multiply-adds of every conv, direct "

@@ -2,7 +2,7 @@
 
     python tools/benchmark.py -c configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml \
         [-c configs/ppyoloe/ppyoloe_plus_crn_l_80e_coco.yml] [--threads 2] [--runs 30] \
-        [--output_dir output_bench]
+        [--output_dir output_bench] [--with_nms] [--delete_passes constant_folding_pass ...]
 
 Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart).
 """
@@ -25,6 +25,10 @@ def run(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--with_nms", action="store_true", help="time the whole detector, NMS included "
+                        "(default: up to boxes and scores; random weights give NMS unrealistically many boxes)")
+    parser.add_argument("--delete_passes", nargs="+", action="append", default=[], metavar="PASS",
+                        help="add a runtime row: oneDNN with these Paddle Inference passes deleted (repeatable)")
     parser.add_argument("--output_dir", default="output_bench")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
@@ -37,8 +41,8 @@ def run(argv):
         config = detection.load_config(path)
         workdir = os.path.join(args.output_dir, config.name)
         results.append(benchmark.run_benchmark(config, workdir, args.threads, args.runs, args.warmup,
-                                               tuple(args.batches), not args.no_memory, ROOT,
-                                               log=lambda m: print(m, file=sys.stderr)))
+                                               tuple(args.batches), not args.no_memory, ROOT, args.with_nms,
+                                               args.delete_passes, log=lambda m: print(m, file=sys.stderr)))
     header = (f"## Benchmark, {datetime.date.today().isoformat()}\n\n{benchmark.machine_description(args.threads)}; "
               f"{args.runs} timed runs per cell after {args.warmup} warm-up, rounds interleaved.\n"
               f"Command: `python tools/benchmark.py {' '.join(argv)}`\n\n")
