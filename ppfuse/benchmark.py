@@ -44,8 +44,8 @@ import paddle
 from . import inference, layers
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
-from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, save_inference_model, verify_deployed
-from .verify import compare, compare_detections, rounding_check
+from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model, verify_deployed
+from .verify import compare_detections, judge
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
 COUNTED = ("conv2d", "batch_norm", "add", "add_tensors", "if")
@@ -232,24 +232,20 @@ def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], wit
     """
     if with_nms:
         return compare_detections(reference.outputs, outputs, DEFAULT_ATOL * max(size))
-    extent = float(max(size))
     if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
         return False, f"different outputs ({[list(o.shape) for o in outputs]})"
-
-    def named(values):
-        return {"boxes": np.asarray(values[0], np.float64) / extent, "scores": np.asarray(values[1])}
-    result = compare(named(reference.outputs), named(outputs), DEFAULT_ATOL, DEFAULT_RTOL)
+    result = judge(detector_outputs(*reference.outputs, size=size), detector_outputs(*outputs, size=size),
+                   DEFAULT_ATOL, DEFAULT_RTOL, lambda: detector_outputs(*reference.float64, size=size))
+    extent = float(max(size))
     boxes, scores = result.outputs
     text = f"box diff {boxes.max_abs * extent:.2g} px, score diff {scores.max_abs:.2g}"
-    if not result.within_tolerance:
-        rounding = rounding_check(named(reference.outputs), named(outputs), named(reference.float64))
-        text += (f"; from float64: box {rounding.candidate_error['boxes'] * extent:.2g} px, score "
-                 f"{rounding.candidate_error['scores']:.2g} (training form fp32: box "
-                 f"{rounding.original_error['boxes'] * extent:.2g} px, score "
-                 f"{rounding.original_error['scores']:.2g})")
-        return rounding.ok, ("same within fp32 rounding (" if rounding.ok else "differ: ") + text + \
-            (")" if rounding.ok else "")
-    return True, "same (" + text + ")"
+    if result.within_tolerance:
+        return True, "same (" + text + ")"
+    check = result.rounding
+    text += (f"; from float64: box {check.candidate_error['boxes_over_size'] * extent:.2g} px, score "
+             f"{check.candidate_error['scores']:.2g} (training form fp32: box "
+             f"{check.original_error['boxes_over_size'] * extent:.2g} px, score {check.original_error['scores']:.2g})")
+    return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
 
 
 def _check_twice(call, reference: Reference, size, with_nms) -> str:

@@ -34,7 +34,7 @@ from . import checkpoint, layers
 from .detection import (BuiltModel, DetectionConfig, DetectorForInference, build_model,  # noqa: F401
                         raw_outputs_float64, sample_inputs)
 from .errors import ConfigError, ExportError, VerificationError
-from .verify import VerificationResult, compare, rounding_check
+from .verify import VerificationResult, judge
 
 MODEL_FILE = "model"
 DEPLOY_CHECKPOINT = "model_deploy.pdparams"
@@ -159,6 +159,12 @@ def count_ops(model_dir: str) -> Dict[str, int]:
     return dict(counts)
 
 
+def detector_outputs(boxes, scores, size: List[int]) -> Dict[str, np.ndarray]:
+    """Raw boxes and scores as compared everywhere: boxes as fractions of the input size, so one
+    tolerance fits both (both O(1))."""
+    return {"boxes_over_size": np.asarray(boxes, np.float64) / float(max(size)), "scores": np.asarray(scores)}
+
+
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0) -> VerificationResult:
     """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image.
@@ -172,19 +178,13 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
     Raises :class:`VerificationError` otherwise.
     """
     image, scale = sample_inputs(size, 1, seed)
-    extent = float(max(size))
-
-    def named(boxes, scores):
-        return {"boxes_over_size": np.asarray(boxes, np.float64) / extent, "scores": np.asarray(scores)}
 
     def run(model):
         with paddle.no_grad():
-            return named(*(t.numpy() for t in DetectorForInference(model, with_nms=False)(image, scale)))
-    original, candidate = run(training_model), run(deployed)
-    result = compare(original, candidate, atol, rtol)
-    if not result.within_tolerance:
-        result.rounding = rounding_check(original, candidate, named(*raw_outputs_float64(training_model, image,
-                                                                                           scale)))
+            return detector_outputs(*(t.numpy() for t in DetectorForInference(model, with_nms=False)(image, scale)),
+                                    size=size)
+    result = judge(run(training_model), run(deployed), atol, rtol,
+                   lambda: detector_outputs(*raw_outputs_float64(training_model, image, scale), size=size))
     if not result.ok:
         raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
     return result

@@ -144,6 +144,15 @@ def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
     return VerificationResult(rows, atol, rtol)
 
 
+def judge(original: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], atol: float, rtol: float,
+          original64: Callable[[], Dict[str, np.ndarray]]) -> VerificationResult:
+    """:func:`compare`, and beyond tolerance the float64 check (``original64`` is called only then)."""
+    result = compare(original, candidate, atol, rtol)
+    if not result.within_tolerance:
+        result.rounding = rounding_check(original, candidate, original64())
+    return result
+
+
 def verify(original: Callable, converted: Callable, inputs: List[Any], atol: float = 1e-5,
            rtol: float = 1e-5, what: str = "converted model", raise_on_error: bool = True,
            output_names: Optional[Callable[[Any], Any]] = None) -> VerificationResult:
