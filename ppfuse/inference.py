@@ -2,7 +2,7 @@
 
 Default settings on CPU are the fastest measured to give the same detections
 on every run: oneDNN on with all of Paddle Inference's passes (oneDNN off was
-~4x slower on PP-YOLOE+ s). ``PredictorOptions`` lets a user change each of
+3-4x slower on PP-YOLOE+ s and l). ``PredictorOptions`` lets a user change each of
 them.
 
 Not a default, though once measured as a lever: oneDNN with

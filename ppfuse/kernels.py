@@ -47,8 +47,8 @@ def _f64(x: Tensor) -> Tensor:
     return paddle.cast(x, FOLD_DTYPE)
 
 
-# The two transforms every conversion runs (one per BatchNorm, one per block) compute in numpy:
-# Paddle's float64 elementwise kernels on CPU are ~5x slower than its float32 ones, numpy's are not.
+# What every conversion runs (fold_bn per BatchNorm; pad_kernel, merge_parallel per block) computes in
+# numpy: Paddle's float64 elementwise kernels on CPU are ~5x slower than its float32 ones, numpy's are not.
 _NUMPY_FLOATS = {paddle.float16: np.float16, paddle.float32: np.float32, paddle.float64: np.float64}
 
 
@@ -61,11 +61,6 @@ def _tensor(values: np.ndarray, dtype) -> Tensor:
     if dtype in _NUMPY_FLOATS:
         return paddle.to_tensor(values.astype(_NUMPY_FLOATS[dtype]))
     return paddle.cast(paddle.to_tensor(values), dtype)
-
-
-def _zeros_bias(kernel: Tensor, transposed: bool = False, groups: int = 1) -> Tensor:
-    out_channels = kernel.shape[1] * groups if transposed else kernel.shape[0]
-    return paddle.zeros([out_channels], dtype=FOLD_DTYPE)
 
 
 def fold_bn(kernel: Tensor,
