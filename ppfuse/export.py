@@ -97,6 +97,33 @@ def onednn_friendly_upsample():
             module.F = F
 
 
+def _conv2d_bias_per_channel(self, x):
+    """``nn.Conv2D.forward`` with the bias added as ``[C, 1, 1]`` instead of Paddle's ``[1, C, 1, 1]``.
+
+    The same sum, bit for bit; but Paddle's CPU ``add`` broadcasts a ``[1, C, 1, 1]``
+    operand over a batch slowly (dygraph, 1 thread, [2, 384, 40, 40]: 10 ms vs 0.7 ms),
+    which made the folded model slower than ppdet's (conv + batch_norm) without oneDNN.
+    """
+    if self.bias is None or self._data_format != "NCHW" or self._padding_mode != "zeros":
+        return _CONV2D_FORWARD(self, x)
+    out = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups,
+                   self._data_format)
+    return out + self.bias.reshape([-1, 1, 1])
+
+
+_CONV2D_FORWARD = nn.Conv2D.forward
+
+
+@contextlib.contextmanager
+def cpu_friendly_conv_bias():
+    """While tracing, make every ``nn.Conv2D`` add its bias per channel (:func:`_conv2d_bias_per_channel`)."""
+    nn.Conv2D.forward = _conv2d_bias_per_channel
+    try:
+        yield
+    finally:
+        nn.Conv2D.forward = _CONV2D_FORWARD
+
+
 def input_spec(size: List[int]) -> List[paddle.static.InputSpec]:
     return [paddle.static.InputSpec([None, 3, size[0], size[1]], "float32", "image"),
             paddle.static.InputSpec([None, 2], "float32", "scale_factor")]
@@ -107,7 +134,7 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
     """Trace ``model`` (a PP-YOLOE-style detector in eval mode) and ``paddle.jit.save`` it."""
     wrapper = DetectorForInference(model, with_nms, topk_before_nms)
     wrapper.eval()
-    with onednn_friendly_upsample():
+    with onednn_friendly_upsample(), cpu_friendly_conv_bias():
         static = paddle.jit.to_static(wrapper, input_spec=input_spec(size), full_graph=True)
         paddle.jit.save(static, path_prefix)
 
