@@ -52,6 +52,7 @@ def run(argv):
 
     from ppfuse import detection, evaluation, export
     from ppfuse.errors import ConfigError
+    from ppfuse.inference import PredictorOptions
     if args.weights and args.epochs is not None:
         raise ConfigError("--weights skips training, so --epochs has no effect; give one of them")
     evaluation.set_cpu_threads(args.cpu_threads)
@@ -75,7 +76,6 @@ def run(argv):
     start = time.perf_counter()
     exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, log=log)
     log(f"exported to {exported.directory}/ in {time.perf_counter() - start:.1f} s")
-    from ppfuse.inference import PredictorOptions
     options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",
                                delete_passes=args.delete_pass)
     deployed = evaluation.evaluate_exported(exported.directory, evaluation.dataset_split(config, "EvalDataset"),
