@@ -49,6 +49,26 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
+MIN_PADDLE = 3
+
+
+def require_paddle_3(error: type = ExportError) -> None:
+    """Raise ``error`` (one line) on a Paddle older than 3.0.
+
+    ppfuse traces with ``to_static(full_graph=True)`` and writes and reads PIR
+    programs (``model.json``); Paddle 2.x has neither (``paddlepaddle-gpu`` 2.6.2,
+    the newest GPU wheel on PyPI, is one). ``0.0.0`` is a develop build: accepted.
+    """
+    version = paddle.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return  # a build naming itself otherwise: let Paddle speak for itself
+    if 0 < major < MIN_PADDLE:
+        raise error(f"ppfuse needs Paddle >= {MIN_PADDLE}.0, found {version}; install PaddlePaddle 3.x "
+                    "(GPU builds: from paddlepaddle.org.cn's install page, not PyPI's paddlepaddle-gpu 2.6)")
+
+
 def nearest_upsample(x, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
                      data_format="NCHW", name=None):
     """``F.interpolate`` with nearest x-integer upsampling written as reshape+expand+reshape.
@@ -307,8 +327,10 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
 
     Raises:
         VerificationError: the deployed model differs beyond tolerance (nothing written).
-        ConfigError, CheckpointError, ConversionError, ExportError: as named.
+        ExportError: Paddle older than 3.0, or writing failed (nothing written).
+        ConfigError, CheckpointError, ConversionError: as named.
     """
+    require_paddle_3()
     timings = {}
     size = config.input_size()
     start = time.perf_counter()
@@ -341,7 +363,8 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
         onnx_report = _export_onnx(built.model, tmp, size, with_nms, log) if onnx else None
         report = {
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
-            "weights_form": built.weights_form, "input_size": size, "with_nms": with_nms,
+            "weights_form": built.weights_form, "random_weights": built.weights_form == "random",
+            "input_size": size, "with_nms": with_nms,
             "conversion": built.conversion.to_dict() if built.conversion else None,
             "verification": verification.to_dict() if verification else None,
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},

@@ -25,7 +25,7 @@ import paddle
 import yaml
 
 from .errors import InferenceError
-from .export import MODEL_FILE, REPORT_FILE, program_file
+from .export import MODEL_FILE, REPORT_FILE, program_file, require_paddle_3
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -77,6 +77,7 @@ def check_device(options: PredictorOptions) -> None:
 def create_predictor(model_dir: str, options: Optional[PredictorOptions] = None):
     """A Paddle Inference predictor for an exported directory."""
     options = options or PredictorOptions()
+    require_paddle_3(InferenceError)
     check_device(options)
     if options.precision == "fp16":
         overflow = export_report(model_dir).get("fp16_overflow") or {}
@@ -209,6 +210,14 @@ class Detections:
         keep = self.scores >= threshold
         return Detections(self.boxes[keep], self.scores[keep], self.classes[keep], self.labels)
 
+    def clipped(self, height: int, width: int) -> "Detections":
+        """Boxes clipped to the image, boxes left empty dropped -- what PaddleDetection's
+        post-processing does (``BBoxPostProcess.get_pred``) before its visualization
+        (PP-YOLOE's program leaves boxes unclipped)."""
+        boxes = np.clip(self.boxes, 0, [width, height, width, height]).astype(self.boxes.dtype)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return Detections(boxes[keep], self.scores[keep], self.classes[keep], self.labels)
+
     def to_list(self) -> List[dict]:
         return [{"class_id": int(c), "label": self.labels[int(c)] if int(c) < len(self.labels) else str(int(c)),
                  "score": float(s), "box": [float(v) for v in b]}
@@ -226,7 +235,11 @@ def split_detections(bbox: np.ndarray, bbox_num: np.ndarray, labels: Sequence[st
 
 
 class Detector:
-    """An exported directory, ready to run on images."""
+    """An exported directory, ready to run on images.
+
+    ``random_weights`` is true for an export of random weights (its report says
+    so): its detections are meaningless.
+    """
 
     def __init__(self, model_dir: str, options: Optional[PredictorOptions] = None):
         self.model_dir = model_dir
@@ -237,6 +250,9 @@ class Detector:
             cfg = yaml.safe_load(f)
         self.labels = cfg.get("label_list", [])
         self.draw_threshold = float(cfg.get("draw_threshold", 0.5))
+        report = export_report(model_dir)
+        # exports before "random_weights" existed say it by weights_form
+        self.random_weights = bool(report.get("random_weights", report.get("weights_form") == "random"))
 
     def predict(self, image_bgr: np.ndarray) -> Detections:
         outputs = run(self.predictor, self.preprocess(image_bgr))

@@ -14,5 +14,6 @@ EXTRA=()
 if [ -n "${WEIGHTS:-}" ]; then EXTRA=(-o "weights=$WEIGHTS"); fi
 .venv/bin/python tools/export_deploy.py -c "$CONFIG" "${EXTRA[@]}" --output_dir output_inference
 .venv/bin/python tools/make_shapes_dataset.py --output_dir output/demo --images 1 --split demo
+# --print_max 5: with random weights the detections are meaningless; all of them go to output/infer/*.json
 .venv/bin/python tools/infer.py --model_dir output_inference/ppyoloe_plus_crn_s_80e_coco \
-  --image_dir output/demo/demo --output_dir output/infer
+  --image_dir output/demo/demo --output_dir output/infer --print_max 5

@@ -18,7 +18,10 @@ For one core: OMP_NUM_THREADS=1 and --cpu_threads 1 (the default).
 import os
 import sys
 import time
+import warnings
 
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402

@@ -10,7 +10,10 @@ the deployed model against the training form and writes
 """
 import os
 import sys
+import warnings
 
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402

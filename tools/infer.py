@@ -5,13 +5,19 @@
         [--cpu_threads 2] [--onednn on|off] [--threshold 0.5] [--output_dir output]
 
 Prints the detections (class, score, box) of each image and writes an annotated
-copy and a JSON file per image to --output_dir. Predictor settings default to
-the fastest measured ones that give the same detections (see README).
+copy and a JSON file per image to --output_dir. Boxes are clipped to the image
+and those left empty dropped, as PaddleDetection's post-processing does. An
+export of random weights (its ppfuse_report.json says so) gets one warning.
+Predictor settings default to the fastest measured ones that give the same
+detections (see README).
 """
 import json
 import os
 import sys
+import warnings
 
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402
@@ -43,13 +49,16 @@ def run(argv):
     images = inference.list_images(args.image_file or args.image_dir)
     images = [inference.read_image(p) for p in images], images
     detector = inference.Detector(args.model_dir, options)
+    if detector.random_weights:
+        print(f"WARNING: {args.model_dir} was exported with RANDOM weights (no -o weights=...): its detections "
+              "are meaningless; export a trained checkpoint to detect anything", file=sys.stderr)
     threshold = detector.draw_threshold if args.threshold is None else args.threshold
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as exc:
         raise InferenceError(f"{args.output_dir}: cannot create the output directory ({exc.strerror})")
     for image, path in zip(*images):
-        detections = detector.predict(image).above(threshold)
+        detections = detector.predict(image).above(threshold).clipped(*image.shape[:2])
         stem = os.path.splitext(os.path.basename(path))[0]
         print(f"{path}: {len(detections.scores)} detections with score >= {threshold}")
         listed = detections.to_list()

@@ -2,15 +2,19 @@
 
     python tools/make_shapes_dataset.py --output_dir dataset/shapes --images 300 --split train
 """
-import argparse
 import os
 import sys
+import warnings
 
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from ppfuse import cli  # noqa: E402
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def run(argv):
+    parser = cli.base_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("--output_dir", default="dataset/shapes")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--split", default="train")
@@ -24,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(run))

@@ -11,7 +11,10 @@ is written.
 import os
 import sys
 import tempfile
+import warnings
 
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402
