@@ -65,7 +65,7 @@ def check_device(options: PredictorOptions) -> None:
     if options.device == "gpu":
         if not paddle.is_compiled_with_cuda():
             raise InferenceError(f"--device gpu: this Paddle {paddle.__version__} build has no CUDA support; "
-                                 "install paddlepaddle-gpu, or use --device cpu")
+                                 "install a PaddlePaddle 3.x GPU build (README, GPU), or use --device cpu")
         if paddle.device.cuda.device_count() == 0:
             raise InferenceError("--device gpu: Paddle has CUDA support but sees no GPU; use --device cpu")
     elif options.precision == "fp16":

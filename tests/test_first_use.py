@@ -59,8 +59,8 @@ def test_commands_show_ppfuse_lines_and_no_third_party_noise(first_use):
         assert noise_in(proc.stdout) == [] and noise_in(proc.stderr) == [], (proc.stdout, proc.stderr)
     assert "verified against the training form:" in exported.stdout
     assert f"wrote {first_use['tmp'] / 'inference' / MODEL}/" in exported.stdout
-    assert exported.stderr.splitlines() == [next(line for line in exported.stderr.splitlines()
-                                                 if line.startswith("WARNING: no weights given"))]
+    assert all(line.startswith("WARNING: ") for line in exported.stderr.splitlines()), exported.stderr
+    assert any(line.startswith("WARNING: no weights given") for line in exported.stderr.splitlines())
     assert "detections with score >= 0.5" in inferred.stdout
 
 
@@ -188,3 +188,17 @@ def test_verification_text_says_which_criterion_decided():
     assert not failed.ok
     assert "failed the float64 criterion" in failed.brief() and "BEYOND 2x the original's" in failed.brief()
     assert "<-- above atol/rtol and failed the float64 criterion" in failed.summary()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(precision="fp16"), r"--precision fp16 runs on GPU only"),
+    (dict(tensorrt=True), r"--tensorrt needs --device gpu"),
+    (dict(device="gpu"), r"--device gpu: this Paddle .* has no CUDA support; install a PaddlePaddle 3\.x GPU build"),
+])
+def test_gpu_options_on_a_cpu_build_are_refused_in_one_line(options, message):
+    from ppfuse.errors import InferenceError
+    from ppfuse.inference import PredictorOptions, check_device
+    if paddle.is_compiled_with_cuda():
+        pytest.skip("this Paddle build has CUDA")
+    with pytest.raises(InferenceError, match=message):
+        check_device(PredictorOptions(**options))
