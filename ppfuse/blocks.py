@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -27,7 +28,7 @@ from paddle.nn.initializer import Constant
 from paddle.regularizer import L2Decay
 
 from . import kernels, layers
-from .errors import ConversionError
+from .errors import CheckpointError, ConversionError, Unconvertible
 
 Activation = Union[None, str, dict, Callable]
 
@@ -90,6 +91,12 @@ class RepParamMixin:
             return layers.bn_as_kernel(branch, where, groups=groups, kernel_size=kernel_size)
         # ppdet names the BN `bn` in ConvBNLayer and `norm` in ConvNormLayer
         bn_name = "bn" if hasattr(branch, "bn") else "norm"
+        if not layers.is_conv(getattr(branch, "conv", None)) or getattr(branch, bn_name, None) is None:
+            raise Unconvertible(f"{where} ({type(branch).__name__}): a branch is neither a BatchNorm nor a conv "
+                                "with a norm ('conv' and 'bn'/'norm'); left as it is")
+        if layers.hooks(branch):
+            raise Unconvertible(f"{where}: has forward hooks, which may change what it computes; "
+                                       "left as it is")
         return layers.fold_conv_bn(branch.conv, getattr(branch, bn_name), f"{where}.{bn_name}")
 
     def _pad_1x1_to_3x3_tensor(self, kernel: paddle.Tensor, size=3) -> paddle.Tensor:
@@ -116,11 +123,16 @@ def repvgg_kernel_bias(block: nn.Layer, conv3x3: nn.Layer, conv1x1: nn.Layer,
                 mixin._fuse_bn_tensor(block, conv1x1, where=f"{where}.conv2")]
     size = branches[0][0].shape[2:]
     branches[1] = (mixin._pad_1x1_to_3x3_tensor(block, branches[1][0], size), branches[1][1])
+    if alpha is not None:
+        if not bool(paddle.isfinite(alpha).all()):
+            raise ConversionError(f"{where}.alpha: is NaN or Inf, so the block outputs NaN; the checkpoint is "
+                                  "broken (retrain or restore it)")
+        alpha = layers.channel_scale(alpha, branches[0][0].shape[0], f"{where}.alpha")
     scales = [None, alpha]
     if identity_bn is not None:
         branches.append(mixin._fuse_bn_tensor(block, identity_bn, kernel_size=size, where=f"{where}.identity_bn"))
         scales.append(None)
-    return mixin._merge_branches(block, branches, scales)
+    return layers.checked_kernel(mixin._merge_branches(block, branches, scales), where)
 
 
 class RepVggBlock(nn.Layer, RepParamMixin):
@@ -170,6 +182,29 @@ class RepVggBlock(nn.Layer, RepParamMixin):
         if self.identity_bn is not None:
             y = y + self.identity_bn(x)
         return self.act(y)
+
+    def set_state_dict(self, state_dict, use_structured_name=True):
+        """Load weights, refusing an ``alpha`` that PaddleDetection's block would compute differently.
+
+        ppdet's ``RepVggBlock`` runs ``if self.alpha:``, which on Paddle 3.x is
+        ``alpha > 0``: for alpha <= 0 (or NaN) it computes ``conv1 + conv2``,
+        while this block computes ``conv1 + alpha * conv2``. The same checkpoint
+        would give two different functions, so it is refused.
+        """
+        alpha = state_dict.get("alpha") if hasattr(state_dict, "get") else None
+        if alpha is not None and self.alpha is not None:
+            values = np.asarray(alpha.numpy() if isinstance(alpha, paddle.Tensor) else alpha, dtype=np.float64)
+            if values.size == 1 and not values.reshape([-1])[0] > 0:
+                raise CheckpointError(
+                    f"{self.full_name()}: alpha = {values.reshape([-1])[0]:g} is not > 0: PaddleDetection's "
+                    "RepVggBlock ignores such an alpha on Paddle 3.x (computes conv1 + conv2) while ppfuse's "
+                    "applies it, so a ppdet checkpoint would compute something else here. Load the checkpoint "
+                    "into ppdet's model and convert that (ppfuse.convert reproduces ppdet), or, for a checkpoint "
+                    "of ppfuse's own block, set block.alpha directly")
+        return super().set_state_dict(state_dict, use_structured_name)
+
+    set_dict = set_state_dict
+    load_dict = set_state_dict
 
     def get_equivalent_kernel_bias(self, where: str = "") -> kernels.KernelBias:
         """Kernel and bias of the deployed 3x3 conv (validates the BN statistics)."""

@@ -1,52 +1,54 @@
-"""Model-wide conversion: a table of converters keyed by layer type, and the walker.
+"""Model-wide conversion: a table of converters keyed by layer type, the walker, and the proof.
 
 The walker visits a model top-down. For each layer it looks up the most
 specific registered type in the layer's MRO; the converter *plans* the change
 (computes every folded kernel, which validates every BatchNorm) and returns
-rewrites. Only when the whole model has been planned without error are the
-rewrites applied, so a failure never leaves a model half converted.
+rewrites. Only when the whole model has been planned are the rewrites applied,
+on a copy, so a failure never leaves a model half converted.
 
-Conv and BN are paired by declared structure only -- a registered type whose
-``conv`` feeds its ``bn`` (:func:`register_conv_bn`), or adjacent children of an
-``nn.Sequential`` -- never by the order in which sublayers happen to be listed
-(ppdet's ``fuse_utils`` does that, and pairs a bare identity BN with the next
+Structure proposes, dataflow proves. A registered type ("its ``conv`` feeds its
+``bn``"), adjacent children of an ``nn.Sequential`` or a block type only
+*suggest* a rewrite: a subclass may override ``forward``, a parent may tap the
+conv output or call the BN elsewhere, a hook may rebuild a weight. So:
+
+* always: a converter refuses a layer whose ``forward`` is not the registered
+  type's, layers with hooks, convs whose weight is rebuilt, BatchNorms that
+  normalize with batch statistics in eval mode or in another data format, and
+  folds that overflow the dtype -- the BatchNorm is left, with the reason;
+* with ``input_spec`` (or ``example_inputs``): the model is traced and every
+  planned rewrite is confirmed against the program, ``if``/``while`` bodies
+  included (:mod:`ppfuse.dataflow`); BatchNorms no structure claimed are paired
+  by dataflow; then the converted model's outputs are compared with the
+  original's and the conversion is refused beyond tolerance;
+* without: a rewrite is also refused when a parent's code reaches into the
+  layer other than by calling it (iterating a ``Sequential`` of conv and BN,
+  calling ``.conv`` of a registered layer, ...), and the report lists every
+  fold as *not confirmed by a trace*.
+
+Pairing by the order in which sublayers happen to be listed is never done
+(ppdet's ``fuse_utils`` does, and pairs a bare identity BN with the next
 block's conv).
-
-Converters included: ppfuse's :class:`~ppfuse.blocks.RepVggBlock` and
-:class:`~ppfuse.blocks.ConvBN`, ``nn.Sequential(Conv, BN, ...)``, any layer
-exposing ``convert_to_deploy()`` (run on a copy, then swapped in), and, when
-ppdet is imported, ppdet's ``RepVggBlock``, ``MobileOneBlock``, ``ConvBNLayer``
-and ``ConvNormLayer`` (see :mod:`ppfuse.ppdet_converters`).
 """
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import paddle
 import paddle.nn as nn
 
-from . import layers
+from . import dataflow, layers
 from .blocks import ConvBN, RepVggBlock
-from .errors import ConversionError
-
-
-@dataclass
-class Site:
-    """Where a layer sits: its parent, its name there, and its dotted path."""
-    parent: Optional[nn.Layer]
-    name: str
-    where: str
-    holder: "_Root"
-
-    def replace(self, new: nn.Layer) -> None:
-        if self.parent is None:
-            self.holder.model = new
-        else:
-            setattr(self.parent, self.name, new)
+from .errors import ConversionError, Unconvertible, VerificationError
+from .verify import VerificationResult, flatten_outputs, judge
 
 
 @dataclass
@@ -55,12 +57,63 @@ class _Root:
 
 
 @dataclass
+class Site:
+    """Where a layer sits: its parent, its name there, and its dotted path.
+
+    ``places`` lists every ``(parent, name)`` holding the same layer object (a
+    layer shared by two parents); ``chain`` the ``(ancestor, child name,
+    child)`` steps from the model root down to the layer.
+    """
+    parent: Optional[nn.Layer]
+    name: str
+    where: str
+    holder: _Root
+    places: List[Tuple[nn.Layer, str]] = field(default_factory=list)
+    chain: Tuple = ()
+    left: Optional[Dict[int, str]] = None
+
+    def replace(self, new: nn.Layer) -> None:
+        """Put ``new`` wherever the layer is; the model root is changed in place."""
+        if self.parent is None:
+            transplant(self.holder.model, new)
+            return
+        for parent, name in self.places or [(self.parent, self.name)]:
+            setattr(parent, name, new)
+
+    def leave(self, batch_norm: nn.Layer, reason: str) -> None:
+        """Record why ``batch_norm`` (inside this layer) stays unfolded."""
+        if self.left is not None:
+            self.left.setdefault(id(batch_norm), reason)
+
+
+def transplant(layer: nn.Layer, new: nn.Layer) -> None:
+    """Make ``layer`` (the same object, wherever it is referenced) become ``new``."""
+    if new is layer:
+        return
+    state = dict(new.__dict__)
+    layer.__dict__.clear()
+    layer.__dict__.update(state)
+    if type(layer) is not type(new):
+        layer.__class__ = type(new)
+
+
+@dataclass
 class Rewrite:
-    """One planned change: ``apply()`` performs it; nothing is changed before."""
+    """One planned change: ``apply()`` performs it; nothing is changed before.
+
+    ``folded`` are the BatchNorm layers it removes. The rest says what a trace
+    must confirm: ``pairs`` (conv, BN) whose conv output must go to that BN
+    alone; ``block``, a layer whose parts must not be used from outside it.
+    ``touched`` lists the layers whose attributes ``apply`` changes.
+    """
     where: str
     kind: str
     apply: Callable[[], None]
-    folded: List[nn.Layer] = field(default_factory=list)  # the BatchNorm layers it removes
+    folded: List[nn.Layer] = field(default_factory=list)
+    pairs: List[Tuple[nn.Layer, nn.Layer]] = field(default_factory=list)
+    block: Optional[nn.Layer] = None
+    touched: List[nn.Layer] = field(default_factory=list)
+    confirmed: Optional[bool] = None  # True: by a trace; None: no trace was given
 
 
 Converter = Callable[[nn.Layer, Site], Optional[List[Rewrite]]]
@@ -68,6 +121,7 @@ Converter = Callable[[nn.Layer, Site], Optional[List[Rewrite]]]
 
 @dataclass
 class _Entry:
+    layer_type: type
     converter: Converter
     descend: bool
 
@@ -79,16 +133,18 @@ def register_converter(layer_type: type, converter: Optional[Converter] = None, 
                        descend: bool = False, replace: bool = False):
     """Register ``converter(layer, site) -> [Rewrite] | None`` for ``layer_type`` (and subclasses).
 
-    ``None`` means "nothing to do" (e.g. already deployed). With ``descend`` the
-    walker also visits the layer's children. Usable as a decorator. A second
-    registration of the same type is an error unless ``replace=True``.
+    ``None`` means "nothing to do" (e.g. already deployed); raising
+    :class:`~ppfuse.errors.Unconvertible` leaves the layer as it is with the
+    message as the reason. With ``descend`` the walker also visits the layer's
+    children. Usable as a decorator. A second registration of the same type is
+    an error unless ``replace=True``.
     """
     def add(fn: Converter) -> Converter:
         if layer_type in _CONVERTERS and not replace:
             old = _CONVERTERS[layer_type].converter
             raise ConversionError(f"{layer_type.__module__}.{layer_type.__qualname__} already has converter "
                                   f"{getattr(old, '__qualname__', old)}; pass replace=True to override it")
-        _CONVERTERS[layer_type] = _Entry(fn, descend)
+        _CONVERTERS[layer_type] = _Entry(layer_type, fn, descend)
         return fn
     return add if converter is None else add(converter)
 
@@ -98,69 +154,109 @@ def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", repla
 
     The converter folds the pair: ``conv`` becomes a conv with bias and ``bn``
     an ``nn.Identity``. A ``bn`` that is not a BatchNorm (GroupNorm, None) is
-    left as it is.
+    left as it is, and so is a subclass that overrides ``forward``.
     """
     def convert_pair(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
         conv_layer, bn_layer = getattr(layer, conv, None), getattr(layer, bn, None)
         if not (layers.is_conv(conv_layer) and layers.is_batch_norm(bn_layer)):
             return None
-        return [_fold_pair_rewrite(layer, conv, bn, site.where)]
+        require_forward(layer, layer_type, site.where)
+        return [fold_rewrite(layer, conv, layer, bn, _join(site.where, conv), _join(site.where, bn))]
     convert_pair.__qualname__ = f"conv_bn[{conv}->{bn}]"
     register_converter(layer_type, convert_pair, replace=replace)
+
+
+def require_forward(layer: nn.Layer, layer_type: type, where: str) -> None:
+    """Refuse a subclass of a registered type whose ``forward`` is its own: the converter knows only
+    what ``layer_type.forward`` computes."""
+    if type(layer).forward is not layer_type.forward:
+        raise Unconvertible(f"{where} ({type(layer).__name__}): overrides forward of {layer_type.__name__}, so "
+                            f"it may compute something else; register a converter for {type(layer).__name__} "
+                            "(ppfuse.register_converter) or pass input_spec to pair its convs by dataflow")
 
 
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _fold_pair_rewrite(parent: nn.Layer, conv_name: str, bn_name: str, where: str) -> Rewrite:
-    return _fold_rewrite(parent, conv_name, parent, bn_name, _join(where, conv_name), _join(where, bn_name))
+_PLACES: Dict[int, List[Tuple[nn.Layer, str]]] = {}
 
 
-def _fold_rewrite(conv_parent: nn.Layer, conv_name: str, bn_parent: nn.Layer, bn_name: str,
-                  conv_path: str, bn_path: str, kind: str = "conv+bn") -> Rewrite:
-    """Plan: the conv becomes a conv with bias holding the fold, the BN an ``nn.Identity``."""
+def _places_of(layer: nn.Layer) -> List[Tuple[nn.Layer, str]]:
+    return _PLACES.get(id(layer), [])
+
+
+def fold_rewrite(conv_parent: nn.Layer, conv_name: str, bn_parent: nn.Layer, bn_name: str,
+                 conv_path: str, bn_path: str, kind: str = "conv+bn") -> Rewrite:
+    """Plan: the conv becomes a conv with bias holding the fold, the BN an ``nn.Identity`` -- wherever
+    either layer object sits in the model."""
     conv_layer, bn_layer = getattr(conv_parent, conv_name), getattr(bn_parent, bn_name)
-    kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, bn_path)
+    kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, bn_path, conv_path)
     new_conv = layers.conv_like(conv_layer, kernel, bias)
     identity = nn.Identity()
     identity.eval()
+    conv_places = _places_of(conv_layer) or [(conv_parent, conv_name)]
+    bn_places = _places_of(bn_layer) or [(bn_parent, bn_name)]
 
     def apply():
-        setattr(conv_parent, conv_name, new_conv)
-        setattr(bn_parent, bn_name, identity)
-    return Rewrite(conv_path, kind, apply, [bn_layer])
+        for parent, name in conv_places:
+            setattr(parent, name, new_conv)
+        for parent, name in bn_places:
+            setattr(parent, name, identity)
+    return Rewrite(conv_path, kind, apply, [bn_layer], pairs=[(conv_layer, bn_layer)],
+                   touched=[p for p, _ in conv_places + bn_places])
 
 
 def convert_sequential(seq: nn.Sequential, site: Site) -> Optional[List[Rewrite]]:
-    """Fold each ``Conv`` directly followed by a ``BatchNorm`` inside a Sequential."""
+    """Fold each ``Conv`` directly followed by a ``BatchNorm`` inside a Sequential (whose forward is Paddle's)."""
     names = list(seq._sub_layers.keys())
     rewrites = []
-    for first, second in zip(names, names[1:]):
-        if layers.is_conv(seq._sub_layers[first]) and layers.is_batch_norm(seq._sub_layers[second]):
-            rewrites.append(_fold_pair_rewrite(seq, first, second, site.where))
+    pairs = [(a, b) for a, b in zip(names, names[1:])
+             if layers.is_conv(seq._sub_layers[a]) and layers.is_batch_norm(seq._sub_layers[b])]
+    if not pairs:
+        return None
+    require_forward(seq, nn.Sequential, site.where)
+    for first, second in pairs:
+        try:
+            rewrites.append(fold_rewrite(seq, first, seq, second, _join(site.where, first),
+                                         _join(site.where, second)))
+        except Unconvertible as exc:
+            site.leave(seq._sub_layers[second], str(exc))
     return rewrites or None
+
+
+def _batch_norms(layer: nn.Layer) -> List[nn.Layer]:
+    return [sub for sub in layer.sublayers() if layers.is_batch_norm(sub)]
 
 
 def convert_repvgg(block: RepVggBlock, site: Site) -> Optional[List[Rewrite]]:
     if block.deployed:
         return None
+    require_forward(block, RepVggBlock, site.where)
     kernel, bias = block.get_equivalent_kernel_bias(site.where)
-    return [Rewrite(site.where, "RepVggBlock", lambda: block.deploy_with(kernel, bias), _batch_norms(block))]
+    pairs = [(block.conv1.conv, block.conv1.bn), (block.conv2.conv, block.conv2.bn)]
+    return [Rewrite(site.where, "RepVggBlock", lambda: block.deploy_with(kernel, bias), _batch_norms(block),
+                    pairs=pairs, block=block, touched=[block])]
 
 
 def convert_by_method(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
-    """Any layer with ``convert_to_deploy()``: run it on a copy, swap the copy in when all is planned."""
+    """Any layer with ``convert_to_deploy()``: run it on a copy, swap the copy in when all is planned.
+
+    A layer with no BatchNorm inside is taken as converted already (there is nothing to fold, and
+    third-party ``convert_to_deploy`` methods are often not safe to call twice)."""
+    if not _batch_norms(layer):
+        return None
     converted = copy.deepcopy(layer)
     try:
         converted.convert_to_deploy()
     except Exception as exc:  # third-party code: report where it failed
         raise ConversionError(f"{site.where} ({type(layer).__name__}): convert_to_deploy() failed: "
                               f"{type(exc).__name__}: {exc}") from exc
+    converted.eval()  # layers it created start in training mode
     kept = {name for name, sub in converted.named_sublayers() if layers.is_batch_norm(sub)}
     folded = [sub for name, sub in layer.named_sublayers() if layers.is_batch_norm(sub) and name not in kept]
-    return [Rewrite(site.where, f"{type(layer).__name__}.convert_to_deploy", lambda: site.replace(converted),
-                    folded)]
+    return [Rewrite(site.where, f"{type(layer).__name__}.convert_to_deploy", lambda: transplant(layer, converted),
+                    folded, block=layer, touched=[layer])]
 
 
 register_converter(RepVggBlock, convert_repvgg)
@@ -168,16 +264,12 @@ register_converter(nn.Sequential, convert_sequential, descend=True)
 register_conv_bn(ConvBN, "conv", "bn")
 
 
-def _batch_norms(layer: nn.Layer) -> List[nn.Layer]:
-    return [sub for sub in layer.sublayers() if layers.is_batch_norm(sub)]
-
-
 def _lookup(layer: nn.Layer) -> Optional[_Entry]:
     for cls in type(layer).__mro__:
         if cls in _CONVERTERS:
             return _CONVERTERS[cls]
     if callable(getattr(layer, "convert_to_deploy", None)):
-        return _Entry(convert_by_method, False)
+        return _Entry(type(layer), convert_by_method, False)
     return None
 
 
@@ -187,13 +279,203 @@ def _load_plugins() -> None:
         from . import ppdet_converters  # noqa: F401  (registers on import)
 
 
+# ------------------------------------------------------------------------- vouching without a trace
+_CONTAINERS = (nn.Sequential, nn.LayerList, nn.LayerDict)
+_GENERIC_ACCESS = {"_sub_layers", "sublayers", "children", "named_children", "named_sublayers", "__dict__"}
+_SOURCES: Dict[type, Optional[List[Tuple[str, str]]]] = {}
+
+
+def _method_sources(cls: type) -> Optional[List[Tuple[str, str]]]:
+    """``(self name, source)`` of every method the class defines or inherits (not ``__init__``, not
+    Paddle's own layers); None when some source cannot be read."""
+    if cls in _SOURCES:
+        return _SOURCES[cls]
+    found: Optional[List[Tuple[str, str]]] = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("paddle.nn"):
+            continue
+        for name, fn in vars(klass).items():
+            fn = getattr(fn, "__func__", fn)
+            if name == "__init__" or not inspect.isfunction(fn):
+                continue
+            try:
+                source = textwrap.dedent(inspect.getsource(fn))
+                params = list(inspect.signature(fn).parameters)
+            except (OSError, TypeError, ValueError):
+                found = None
+                break
+            found.append((params[0] if params else "self", source))
+        if found is None:
+            break
+    _SOURCES[cls] = found
+    return found
+
+
+def _reaches_into(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) -> Optional[str]:
+    """Why ``ancestor``'s code may use ``child`` other than by calling it, else None."""
+    sources = _method_sources(type(ancestor))
+    if sources is None:
+        return f"the source of {type(ancestor).__name__} cannot be read to see how it uses '{name}'"
+    if not name.isidentifier():
+        return None
+    for self_name, source in sources:
+        for generic in _GENERIC_ACCESS:
+            if re.search(rf"\b{self_name}\.{generic}\b", source):
+                return f"{type(ancestor).__name__} walks its sublayers generically ({self_name}.{generic})"
+        for match in re.finditer(rf"\b{self_name}\.{re.escape(name)}\b", source):
+            before, after = source[:match.start()], source[match.end():]
+            if re.match(r"\s*\(", after) or _only_tested(before, after):
+                continue
+            attribute = re.match(r"\s*\.\s*(\w+)", after)
+            if attribute is not None:
+                attribute = attribute.group(1)
+                if (attribute in child._sub_layers or attribute in child._parameters or attribute in child._buffers
+                        or attribute in _GENERIC_ACCESS):
+                    return f"{type(ancestor).__name__} uses {name}.{attribute} directly"
+                continue
+            if isinstance(child, _CONTAINERS) and not holder:
+                continue  # iterating / indexing a container of composite layers, whose items it calls
+            return f"{type(ancestor).__name__} uses '{name}' other than by calling it (iterates, indexes or keeps it)"
+    return None
+
+
+def _only_tested(before: str, after: str) -> bool:
+    """``self.x is None``, ``if self.x:`` -- uses that only test whether the layer is there."""
+    if re.match(r"\s+is\b|\s*[!=]=\s*None\b", after):
+        return True
+    return bool(re.search(r"\b(if|elif|while|and|or|not)\s+$", before) and re.match(r"\s*(:|and\b|or\b)", after))
+
+
+def _unvouched(chain: Tuple) -> Optional[str]:
+    for i, (ancestor, name, child) in enumerate(chain):
+        reason = _reaches_into(ancestor, name, child, holder=(i == len(chain) - 1))
+        if reason is not None:
+            return reason
+    return None
+
+
+# ---------------------------------------------------------------------------------------- planning
+@dataclass
+class _Plan:
+    rewrites: List[Rewrite]
+    left: Dict[int, str]  # id(BatchNorm) -> why it stays
+
+
+def _confirm(rewrite: Rewrite, tr: dataflow.Trace) -> Optional[str]:
+    for conv, bn in rewrite.pairs:
+        reason = dataflow.confirm_pair(tr, conv, bn)
+        if reason is not None:
+            return reason
+    if rewrite.block is not None:
+        return dataflow.confirm_block(tr, rewrite.block)
+    return None
+
+
+def _plan(model: nn.Layer, tr: Optional[dataflow.Trace]) -> _Plan:
+    root = _Root(model)
+    rewrites: List[Rewrite] = []
+    left: Dict[int, str] = {}
+    _PLACES.clear()
+    for parent in [model] + model.sublayers():
+        for name, child in parent._sub_layers.items():
+            if child is not None:
+                _PLACES.setdefault(id(child), []).append((parent, name))
+    seen = set()
+
+    def leave_all(layer: nn.Layer, reason: str) -> None:
+        for bn in ([layer] if layers.is_batch_norm(layer) else []) + _batch_norms(layer):
+            left.setdefault(id(bn), reason)
+
+    def visit(layer: nn.Layer, site: Site) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        entry = _lookup(layer)
+        descend = entry is None or entry.descend
+        if entry is not None:
+            try:
+                if layers.hooks(layer) or (entry.converter is not convert_sequential
+                                           and any(layers.hooks(s) for s in layer.sublayers())):
+                    raise Unconvertible(f"{site.where} ({type(layer).__name__}): it or a part of it has forward "
+                                        "hooks, which may change what it computes; left as it is")
+                planned = entry.converter(layer, site) or []
+            except Unconvertible as exc:
+                leave_all(layer, str(exc))
+                planned, descend = [], True
+            for rewrite in planned:
+                reason = _unvouched(site.chain) if tr is None else _confirm(rewrite, tr)
+                if reason is not None:
+                    how = "not confirmed by the trace" if tr is not None else \
+                        "not vouched for without a trace (pass input_spec to confirm it)"
+                    for bn in rewrite.folded:
+                        left.setdefault(id(bn), f"{rewrite.where}: {how}: {reason}")
+                    descend = True
+                    continue
+                rewrite.confirmed = True if tr is not None else None
+                if not rewrite.touched:
+                    rewrite.touched = [p for p, _ in site.places] + [layer]
+                rewrites.append(rewrite)
+        if descend:
+            for name, child in list(layer._sub_layers.items()):
+                if child is not None:
+                    visit(child, Site(layer, name, _join(site.where, name), root, _places_of(child),
+                                      site.chain + ((layer, name, child),), left))
+
+    visit(model, Site(None, "", "", root, [], (), left))
+    if tr is not None:
+        rewrites += _dataflow_rewrites(model, tr, rewrites, left)
+    return _Plan(rewrites, left)
+
+
+def _dataflow_rewrites(model: nn.Layer, tr: dataflow.Trace, planned: List[Rewrite],
+                       left: Dict[int, str]) -> List[Rewrite]:
+    claimed = {id(bn) for r in planned for bn in r.folded}
+    paths = {id(sub): name for name, sub in model.named_sublayers()}
+    pairs, reasons = dataflow.find_pairs(tr, model, claimed)
+    rewrites = []
+    for pair in pairs:
+        conv_parent, conv_name = _places_of(pair.conv)[0]
+        bn_parent, bn_name = _places_of(pair.bn)[0]
+        try:
+            rewrite = fold_rewrite(conv_parent, conv_name, bn_parent, bn_name, paths[id(pair.conv)],
+                                   paths[id(pair.bn)], "conv+bn (dataflow)")
+        except Unconvertible as exc:
+            left[id(pair.bn)] = str(exc)
+            continue
+        rewrite.confirmed = True
+        rewrites.append(rewrite)
+        left.pop(id(pair.bn), None)
+    for bn_id, reason in reasons.items():
+        left.setdefault(bn_id, f"dataflow: {reason}")
+    return rewrites
+
+
+def _remaining_batch_norms(model: nn.Layer, planned: List[Rewrite], reasons: Dict[int, str]) -> Dict[str, str]:
+    """BatchNorm layers that no planned rewrite removes, with the reason."""
+    removed = {id(bn) for r in planned for bn in r.folded}
+    default = ("no registered structure pairs it with a conv that feeds it; register its parent with "
+               "ppfuse.register_conv_bn, a converter with ppfuse.register_converter, or pass input_spec "
+               "to pair by dataflow")
+    return {name: reasons.get(id(sub), default)
+            for name, sub in model.named_sublayers()
+            if layers.is_batch_norm(sub) and id(sub) not in removed}
+
+
+# -------------------------------------------------------------------------------------- the report
 @dataclass
 class ConversionReport:
-    """What :func:`convert` did. ``model`` is the converted model."""
+    """What :func:`convert` did. ``model`` is the converted model.
+
+    ``confirmed_by_trace`` tells whether every rewrite was confirmed against a
+    traced program and the outputs compared (``verification``); otherwise
+    ``unconfirmed`` lists the rewrites made on the strength of structure alone.
+    """
     model: nn.Layer
     converted: List[Rewrite] = field(default_factory=list)
     remaining_batch_norms: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    verification: Optional[VerificationResult] = None
+    seconds_confirming: float = 0.0
 
     @property
     def counts(self) -> Dict[str, int]:
@@ -203,100 +485,208 @@ class ConversionReport:
     def batch_norms_folded(self) -> int:
         return sum(len(r.folded) for r in self.converted)
 
+    @property
+    def unconfirmed(self) -> List[str]:
+        return [r.where for r in self.converted if not r.confirmed]
+
+    @property
+    def confirmed_by_trace(self) -> bool:
+        return not self.unconfirmed
+
     def summary(self) -> str:
         lines = [f"converted {len(self.converted)} layers in {self.seconds:.3f} s, "
                  f"{self.batch_norms_folded} BatchNorm folded, {len(self.remaining_batch_norms)} left"]
+        if self.converted:
+            lines.append("  every rewrite confirmed by a trace, outputs compared" if self.confirmed_by_trace else
+                         f"  {len(self.unconfirmed)} rewrites not confirmed by a trace (no input_spec given)")
         lines += [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
         lines += [f"  BatchNorm left at {where}: {why}" for where, why in self.remaining_batch_norms.items()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"converted": [{"where": r.where, "kind": r.kind} for r in self.converted],
+        return {"converted": [{"where": r.where, "kind": r.kind, "confirmed_by_trace": bool(r.confirmed)}
+                              for r in self.converted],
                 "counts": self.counts, "batch_norms_folded": self.batch_norms_folded,
-                "remaining_batch_norms": dict(self.remaining_batch_norms), "seconds": self.seconds}
+                "remaining_batch_norms": dict(self.remaining_batch_norms), "seconds": self.seconds,
+                "seconds_confirming": self.seconds_confirming, "confirmed_by_trace": self.confirmed_by_trace,
+                "verification": self.verification.to_dict() if self.verification else None}
 
 
+# --------------------------------------------------------------------------------- output check
+def _float_dtype(model: nn.Layer) -> str:
+    for param in model.parameters():
+        if param.dtype in (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64):
+            return str(param.dtype).split(".")[-1]
+    return "float32"
+
+
+# max |converted - original| / max |original| accepted per output, by the model's dtype
+CHECK_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def _run(model: nn.Layer, inputs: Sequence) -> Dict[str, np.ndarray]:
+    with paddle.no_grad():
+        return {k: v.astype(np.float64) for k, v in flatten_outputs(model(*inputs)).items()
+                if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"}
+
+
+def _run_float64(model: nn.Layer, inputs: Sequence) -> Dict[str, np.ndarray]:
+    """``model`` evaluated in float64 on a copy: tells fp32 rounding from a conversion error."""
+    model64 = copy.deepcopy(model)
+    model64.to(dtype="float64")
+    for layer in [model64] + model64.sublayers():  # precomputed tensors that are not parameters
+        for key, value in list(vars(layer).items()):
+            if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16):
+                setattr(layer, key, value.astype("float64"))
+    cast = [x.astype("float64") if isinstance(x, paddle.Tensor) and x.dtype in (paddle.float32, paddle.float16)
+            else x for x in inputs]
+    return _run(model64, cast)
+
+
+def _scaled(outputs: Dict[str, np.ndarray], scales: Dict[str, float]) -> Dict[str, np.ndarray]:
+    return {k: v / scales[k] for k, v in outputs.items()}
+
+
+def _check_outputs(original: nn.Layer, work: nn.Layer, inputs: Sequence, reference: Dict[str, np.ndarray],
+                   rewrites: List[Rewrite], before: List[Tuple[nn.Layer, dict]], tolerance: float
+                   ) -> VerificationResult:
+    """Compare the converted model's outputs with the original's, relative to each output's scale; beyond
+    ``tolerance``, against a float64 evaluation of the original (fp32 rounding of an ill-conditioned model is
+    no conversion error). Raises :class:`VerificationError` naming the first differing output and the first
+    rewrite after which the outputs differ."""
+    scales = {k: float(np.abs(v).max()) or 1.0 for k, v in reference.items()}
+    original64: Dict[str, np.ndarray] = {}
+
+    def truth():
+        if not original64:
+            try:
+                original64.update(_scaled(_run_float64(original, inputs), scales))
+            except Exception:  # a layer without float64 kernels: the plain tolerance decides
+                original64.update({k: np.full_like(v, np.nan) for k, v in _scaled(reference, scales).items()})
+        return original64
+
+    def judged(candidate):
+        return judge(_scaled(reference, scales), _scaled(candidate, scales), tolerance, 0.0, truth)
+
+    result = judged(_run(work, inputs))
+    if result.ok:
+        return result
+    worst = next(o for o in result.outputs if not o.ok)
+    culprit = _first_bad_rewrite(work, inputs, rewrites, before, judged)
+    raise VerificationError(
+        f"the converted model differs from the original beyond tolerance, so nothing was converted: output "
+        f"{worst.name} {list(worst.shape)} is off by {worst.max_rel:.3g} of its scale (tolerance {tolerance:g}); "
+        f"{culprit}. This is a ppfuse bug or a layer used in a way ppfuse does not see: please report it")
+
+
+def _snapshot(layers_: List[nn.Layer]) -> List[Tuple[nn.Layer, dict]]:
+    unique = {id(layer): layer for layer in layers_}
+    return [(layer, {k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v)
+                     for k, v in layer.__dict__.items()}) for layer in unique.values()]
+
+
+def _restore(snapshot: List[Tuple[nn.Layer, dict]]) -> None:
+    for layer, state in snapshot:
+        layer.__dict__.clear()
+        layer.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v)
+                               for k, v in state.items()})
+
+
+def _first_bad_rewrite(work: nn.Layer, inputs, rewrites: List[Rewrite], before: List[Tuple[nn.Layer, dict]],
+                       judged) -> str:
+    """Bisect: the first rewrite whose application makes the outputs differ (``before`` restores the
+    touched layers to their state before any rewrite)."""
+    if not rewrites:
+        return "no rewrite was applied"
+    low, high = 0, len(rewrites)  # outputs fine after `low` rewrites, off after `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        _restore(before)
+        for rewrite in rewrites[:middle]:
+            rewrite.apply()
+        if judged(_run(work, inputs)).ok:
+            low = middle
+        else:
+            high = middle
+    bad = rewrites[high - 1]
+    return f"the first rewrite after which they differ: {bad.where or '<model>'} ({bad.kind})"
+
+
+# -------------------------------------------------------------------------------------- convert
 def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
-            input_spec: Optional[Sequence] = None) -> ConversionReport:
-    """Convert every re-parameterizable block and every declared Conv+BN pair of ``model``.
+            input_spec: Optional[Sequence] = None, example_inputs: Optional[Sequence] = None,
+            check: bool = True, tolerance: Optional[float] = None,
+            forward_with: Optional[Callable[[nn.Layer], nn.Layer]] = None) -> ConversionReport:
+    """Convert every re-parameterizable block and every Conv+BN pair of ``model`` that is proven safe.
+
+    With ``input_spec`` or ``example_inputs``, every fold is confirmed against the traced program and the
+    converted model's outputs must equal the original's (refused otherwise); without, only what the layers'
+    code vouches for is folded, and the report says which folds no trace confirmed.
 
     Args:
         model: any ``paddle.nn.Layer``, in eval mode.
-        inplace: change ``model`` itself; otherwise a deep copy is converted
-            and ``model`` is left untouched.
+        inplace: change ``model`` itself (the same object); otherwise a converted copy is returned and
+            ``model`` is left untouched.
         strict: raise when any BatchNorm is left unfolded.
-        input_spec: ``paddle.static.InputSpec`` list of ``forward``'s inputs; given,
-            Conv -> BN pairs that no structure declares are found by tracing
-            the model (:mod:`ppfuse.dataflow`) and folded too.
+        input_spec: ``paddle.static.InputSpec`` list of ``forward``'s (1-4 tensor) inputs.
+        example_inputs: tensors to check outputs on (and to derive ``input_spec`` from when not given);
+            default: random inputs of the spec's shapes (unknown batch 2, other unknown sizes 32).
+        check: compare outputs after the conversion (with a spec or examples).
+        tolerance: largest accepted ``max |converted - original| / max |original|`` per output; default
+            by dtype (float32 1e-4, float16 1e-2). Beyond it the converted model still passes when it is no
+            further from a float64 evaluation of the original than twice the original's own error.
+        forward_with: wraps the model into the layer that is traced and run for the check, when ``model``'s
+            own forward is not the function to prove (a detector's forward ends in NMS, say); the spec and
+            example inputs are that layer's.
 
     Returns:
         A :class:`ConversionReport`; ``report.model`` is the converted model.
 
     Raises:
-        ConversionError: a layer in training mode, broken BN statistics, a
-            failing ``convert_to_deploy``, or (``strict``) BatchNorm left. The
-            model is unchanged when this is raised.
+        ConversionError: a layer in training mode, broken BN statistics, a failing ``convert_to_deploy``,
+            a model that cannot be traced, or (``strict``) BatchNorm left.
+        VerificationError: the converted model's outputs differ (with a spec or examples).
+        The model is unchanged when either is raised.
     """
     start = time.perf_counter()
     _load_plugins()
     layers.check_eval(model, "")
-    root = _Root(model if inplace else copy.deepcopy(model))
-    rewrites: List[Rewrite] = []
-    seen = set()
-
-    def visit(layer: nn.Layer, site: Site) -> None:
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        entry = _lookup(layer)
-        if entry is not None:
-            planned = entry.converter(layer, site)
-            rewrites.extend(planned or [])
-            if not entry.descend:
-                return
-        for name, child in list(layer._sub_layers.items()):
-            if child is not None:
-                visit(child, Site(layer, name, _join(site.where, name), root))
-
-    visit(root.model, Site(None, "", "", root))
-    reasons: Dict[str, str] = {}
+    if input_spec is None and example_inputs is not None:
+        input_spec = dataflow.spec_from_inputs(example_inputs)
+    work = copy.deepcopy(model)
+    wrap = forward_with or (lambda layer: layer)
+    confirming = 0.0
+    tr = None
     if input_spec is not None:
-        rewrites += _dataflow_rewrites(root.model, input_spec, rewrites, reasons)
-    remaining = _remaining_batch_norms(root.model, rewrites, reasons)
+        tick = time.perf_counter()
+        tr = dataflow.trace(wrap(work), list(input_spec))
+        confirming += time.perf_counter() - tick
+    plan = _plan(work, tr)
+    remaining = _remaining_batch_norms(work, plan.rewrites, plan.left)
     if strict and remaining:
         where, why = next(iter(remaining.items()))
         raise ConversionError(f"{len(remaining)} BatchNorm would stay unfolded (strict), first {where}: {why}")
-    for rewrite in rewrites:
+    checking = tr is not None and check and plan.rewrites
+    if checking:
+        tick = time.perf_counter()
+        inputs = list(example_inputs) if example_inputs is not None else dataflow.inputs_from_spec(input_spec)
+        reference = _run(wrap(work), inputs)
+        before = _snapshot([layer for r in plan.rewrites for layer in r.touched])
+        confirming += time.perf_counter() - tick
+    for rewrite in plan.rewrites:
         rewrite.apply()
-    report = ConversionReport(root.model, rewrites)
-    report.remaining_batch_norms = remaining
+    verification = None
+    if checking:
+        tick = time.perf_counter()
+        verification = _check_outputs(wrap(model), wrap(work), inputs, reference, plan.rewrites, before,
+                                      tolerance or CHECK_TOLERANCE.get(_float_dtype(model), 1e-4))
+        confirming += time.perf_counter() - tick
+    _PLACES.clear()
+    result = work
+    if inplace:
+        transplant(model, work)
+        result = model
+    report = ConversionReport(result, plan.rewrites, remaining, verification=verification)
     report.seconds = time.perf_counter() - start
+    report.seconds_confirming = confirming
     return report
-
-
-def _dataflow_rewrites(model: nn.Layer, input_spec, planned: List[Rewrite], reasons: Dict[str, str]) -> List[Rewrite]:
-    from . import dataflow
-    removed = {id(bn) for r in planned for bn in r.folded}
-    pairs, left = dataflow.find_pairs(model, input_spec)
-    reasons.update(left)
-    rewrites = []
-    for pair in pairs:
-        dataflow.check_pair(model, pair)
-        conv_parent, conv_name, _ = dataflow.resolve(model, pair.conv_path)
-        bn_parent, bn_name, bn = dataflow.resolve(model, pair.bn_path)
-        if id(bn) not in removed:
-            rewrites.append(_fold_rewrite(conv_parent, conv_name, bn_parent, bn_name, pair.conv_path,
-                                          pair.bn_path, "conv+bn (dataflow)"))
-    return rewrites
-
-
-def _remaining_batch_norms(model: nn.Layer, planned: List[Rewrite],
-                           reasons: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """BatchNorm layers that no planned rewrite removes, with the reason."""
-    removed = {id(bn) for r in planned for bn in r.folded}
-    default = ("no registered structure pairs it with a conv that feeds it; register its parent with "
-               "ppfuse.register_conv_bn, a converter with ppfuse.register_converter, or pass input_spec "
-               "to pair by dataflow")
-    return {name: (reasons or {}).get(name, default)
-            for name, sub in model.named_sublayers()
-            if layers.is_batch_norm(sub) and id(sub) not in removed}

@@ -303,7 +303,7 @@ def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], sourc
 
 
 def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: Optional[bool] = None,
-                seed: int = 0, strict: bool = False) -> BuiltModel:
+                seed: int = 0, strict: bool = False, check: bool = True) -> BuiltModel:
     """Build the model of ``config`` with its weights, in deploy form when ``deploy: true``.
 
     Args:
@@ -316,6 +316,9 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
         deploy: override the config's ``deploy`` key.
         seed: seed of the random weights.
         strict: fail when the conversion would leave any BatchNorm unfolded.
+        check: compare the deployed model's raw outputs with the training form's inside
+            :func:`ppfuse.convert` (every fold is confirmed by a trace either way); the export
+            passes False because it verifies the deployed model itself.
     """
     deploy = config.deploy if deploy is None else deploy
     weights = weights if weights is not None else config.weights
@@ -341,5 +344,14 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
         checkpoint.load_strict(training_model, state, path)
     if not deploy:
         return BuiltModel(training_model, training_model, form)
-    report = convert(training_model, strict=strict)
+    size = config.input_size()
+    report = convert(training_model, strict=strict, input_spec=detector_input_spec(size),
+                     example_inputs=sample_inputs(size, 1, seed), check=check,
+                     forward_with=lambda model: DetectorForInference(model, with_nms=False))
     return BuiltModel(report.model, training_model, form, report)
+
+
+def detector_input_spec(size: List[int]) -> List[paddle.static.InputSpec]:
+    """The inputs of :class:`DetectorForInference` at ``size`` = ``[H, W]``."""
+    return [paddle.static.InputSpec([None, 3, size[0], size[1]], "float32", "image"),
+            paddle.static.InputSpec([None, 2], "float32", "scale_factor")]

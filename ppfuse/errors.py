@@ -17,6 +17,16 @@ class ConversionError(PPFuseError):
     """A layer cannot be converted (training mode, bad statistics, unsupported form)."""
 
 
+class Unconvertible(ConversionError):
+    """This layer cannot be converted as it is used; the walker leaves it unchanged and reports why.
+
+    Raised by converters for a layer form ppfuse does not fold (GroupNorm in a
+    branch, batch statistics in eval mode, a hook that rebuilds a weight, ...).
+    :func:`ppfuse.convert` never lets it abort a conversion: the layer's
+    BatchNorms are listed as left, with this message as the reason.
+    """
+
+
 class VerificationError(PPFuseError):
     """The converted model's outputs differ from the original's beyond tolerance."""
 

@@ -103,6 +103,10 @@ def fold_bn(kernel: Tensor,
     spatial = [1] * (len(kernel.shape) - 2)
     if transposed:
         in_channels = w.shape[0]
+        if groups < 1 or in_channels % groups or w.shape[1] * groups != out_channels:
+            raise KernelError(f"transposed kernel {list(kernel.shape)} with groups={groups} gives "
+                              f"{w.shape[1] * max(groups, 1)} output channels, BatchNorm has {out_channels}; "
+                              "pass the conv's own groups")
         w = w.reshape([groups, in_channels // groups, out_channels // groups] + list(w.shape[2:]))
         w = w * scale.reshape([groups, 1, out_channels // groups] + spatial)
         w = w.reshape(list(kernel.shape))
@@ -166,13 +170,29 @@ def pad_kernel(kernel: Tensor, size: Size) -> Tensor:
     return paddle.nn.functional.pad(kernel, flat, data_format=data_format)
 
 
+def _scale_vector(scale, out_channels: int) -> np.ndarray:
+    """A branch scale as ``[out_channels]`` float64: None -> 1, a number or one-element tensor -> that
+    number, a tensor or array of ``out_channels`` elements -> one scale per output channel."""
+    if scale is None:
+        return np.ones(out_channels)
+    values = _np64(scale) if isinstance(scale, Tensor) else np.asarray(scale, dtype=np.float64)
+    values = values.reshape([-1])
+    if values.size == 1:
+        return np.full(out_channels, values[0])
+    if values.size == out_channels:
+        return values
+    raise KernelError(f"a branch scale has {values.size} elements; it must be one number or one per output "
+                      f"channel ({out_channels})")
+
+
 def merge_parallel(branches: Sequence[KernelBias],
                    scales: Optional[Sequence[Union[float, Tensor, None]]] = None) -> KernelBias:
     """Branches whose outputs are added, each times a scale, as one conv.
 
     ``sum_i s_i * (W_i * x + b_i) = (sum_i s_i W_i) * x + sum_i s_i b_i``.
-    A scale may be a float, a one-element tensor (a learnable alpha) or None
-    (meaning 1). Kernels must already share one shape (see :func:`pad_kernel`).
+    A scale may be a float, a one-element tensor (a learnable alpha), a
+    tensor of one scale per output channel (``[C_out]``), or None (meaning 1).
+    Kernels must already share one shape (see :func:`pad_kernel`).
     """
     if not branches:
         raise KernelError("merge_parallel needs at least one branch")
@@ -184,11 +204,12 @@ def merge_parallel(branches: Sequence[KernelBias],
     shape = list(branches[0][0].shape)
     kernel = np.zeros(shape)
     bias = np.zeros(shape[0])
+    spatial = [1] * (len(shape) - 1)
     for (k, b), s in zip(branches, scales):
         if list(k.shape) != shape:
             raise KernelError(f"cannot add kernels of shapes {shape} and {list(k.shape)}; pad them first")
-        s = 1.0 if s is None else (float(_np64(s).reshape(())) if isinstance(s, Tensor) else float(s))
-        kernel += s * _np64(k)
+        s = _scale_vector(s, shape[0])
+        kernel += s.reshape([-1] + spatial) * _np64(k)
         if b is not None:
             bias += s * _np64(b)
     return _tensor(kernel, dtype), _tensor(bias, dtype)
@@ -236,6 +257,10 @@ def merge_concat(branches: Sequence[KernelBias]) -> KernelBias:
     """
     if not branches:
         raise KernelError("merge_concat needs at least one branch")
+    dtypes = {str(t.dtype) for k, b in branches for t in (k, b) if t is not None}
+    if len(dtypes) > 1:
+        raise KernelError(f"merge_concat: branches have different dtypes ({', '.join(sorted(dtypes))}); "
+                          "cast them to one dtype first")
     ndim = len(branches[0][0].shape) - 2
     size = [max(k.shape[2 + d] for k, _ in branches) for d in range(ndim)]
     kernels, biases = [], []

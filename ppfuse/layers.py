@@ -20,10 +20,15 @@ from paddle.nn.layer.conv import _ConvNd
 from paddle.nn.layer.norm import _BatchNormBase
 
 from . import kernels
-from .errors import ConversionError
+from .errors import ConversionError, Unconvertible
 
 TRANSPOSED_CONVS = (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)
 CONV_BY_NDIM = {1: nn.Conv1D, 2: nn.Conv2D, 3: nn.Conv3D}
+# what a conv or BatchNorm computes is vouched for only when its forward is Paddle's own
+_STOCK_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1D, nn.Conv2D, nn.Conv3D) + TRANSPOSED_CONVS}
+_STOCK_BN_FORWARDS = {cls.forward for cls in (nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D, nn.BatchNorm,
+                                              nn.SyncBatchNorm, _BatchNormBase)}
+_CHANNEL_LAST = {"NHWC", "NLC", "NDHWC"}
 
 
 def is_conv(layer: nn.Layer) -> bool:
@@ -58,18 +63,88 @@ def check_eval(layer: nn.Layer, where: str) -> None:
                                   "call model.eval() before converting")
 
 
-def batch_norm_stats(bn: nn.Layer, where: str) -> BatchNormStats:
-    """Read and validate the statistics a BatchNorm applies in eval mode."""
+def hooks(layer: nn.Layer) -> int:
+    """Number of forward hooks (pre and post) on ``layer``: a hook may rebuild a weight or change an output."""
+    return len(getattr(layer, "_forward_pre_hooks", {}) or {}) + len(getattr(layer, "_forward_post_hooks", {}) or {})
+
+
+def channel_last(layer: nn.Layer) -> bool:
+    """Whether a conv's or BatchNorm's channels are the last axis (NHWC, NLC, NDHWC)."""
+    fmt = getattr(layer, "_data_format", None) or getattr(layer, "_data_layout", None) or "NCHW"
+    return fmt in _CHANNEL_LAST
+
+
+def _bn_probe_shape(bn: nn.Layer, channels: int) -> list:
+    if isinstance(bn, nn.BatchNorm1D):
+        spatial = [] if getattr(bn, "_data_format", "NCL") == "NC" else [3]
+    elif isinstance(bn, nn.BatchNorm3D):
+        spatial = [2, 2, 2]
+    else:
+        spatial = [3, 3]
+    return [2] + spatial + [channels] if channel_last(bn) and spatial else [2, channels] + spatial
+
+
+def check_running_statistics(bn: nn.Layer, where: str) -> None:
+    """Raise :class:`Unconvertible` unless ``bn`` (eval mode) normalizes with its running statistics.
+
+    Paddle's BatchNorm layers decide this from ``training``, ``use_global_stats``
+    and (legacy ``nn.BatchNorm``) ``trainable_statistics`` in ways that differ by
+    class, so the layer is asked what it computes: it is run once on an input
+    whose batch statistics are far from its running ones, and compared with
+    ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+    """
+    channels = bn._mean.shape[0]
+    dtype = bn._mean.dtype
+    mean, var = bn._mean.numpy().astype(np.float64), bn._variance.numpy().astype(np.float64)
+    std = np.sqrt(np.maximum(var, 0) + float(bn._epsilon))
+    shape = _bn_probe_shape(bn, channels)
+    axis = len(shape) - 1 if channel_last(bn) and len(shape) > 2 else 1
+    view = [1] * len(shape)
+    view[axis] = channels
+    rng = np.random.RandomState(7)
+    x = mean.reshape(view) + std.reshape(view) * (3.0 + rng.normal(0, 1, shape))
+    gamma = np.ones(channels) if bn.weight is None else bn.weight.numpy().astype(np.float64)
+    beta = np.zeros(channels) if bn.bias is None else bn.bias.numpy().astype(np.float64)
+    expected = (x - mean.reshape(view)) / std.reshape(view) * gamma.reshape(view) + beta.reshape(view)
+    try:
+        with paddle.no_grad():
+            got = bn(paddle.to_tensor(x).astype(dtype)).astype("float64").numpy()
+    except Exception as exc:  # e.g. a dtype the CPU kernels lack
+        raise Unconvertible(f"{_where(where, bn)}: cannot run it to check what it computes "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); left unfolded") from None
+    tolerance = 1e-2 if str(dtype) in ("paddle.float16", "paddle.bfloat16") else 1e-4
+    if not np.allclose(got, expected, rtol=tolerance, atol=tolerance * (np.abs(expected).max() + 1)):
+        settings = ", ".join(f"{k.strip('_')}={getattr(bn, k)!r}" for k in
+                             ("_use_global_stats", "_trainable_statistics") if hasattr(bn, k))
+        raise Unconvertible(f"{_where(where, bn)}: normalizes with batch statistics in eval mode ({settings}), "
+                            "so its output depends on the batch and it cannot be folded into a conv")
+
+
+def batch_norm_stats(bn: nn.Layer, where: str, probe: bool = True) -> BatchNormStats:
+    """Read and validate the statistics a BatchNorm applies in eval mode.
+
+    Raises:
+        ConversionError: training mode, or statistics that are broken (NaN/Inf,
+            ``running_var + epsilon <= 0``): the model is wrong, not just unfoldable.
+        Unconvertible: a BatchNorm that cannot be folded as it stands (a fused
+            activation, a forward of its own, a hook, batch statistics in eval mode -- the last
+            found by running it, skipped with ``probe=False``).
+    """
     if bn.training:
         raise ConversionError(f"{_where(where, bn)}: BatchNorm is in training mode; "
                               "call model.eval() before converting")
-    if getattr(bn, "_use_global_stats", None) is False:
-        raise ConversionError(f"{_where(where, bn)}: use_global_stats=False normalizes with batch "
-                              "statistics even in eval mode, so it cannot be folded; build it with "
-                              "use_global_stats=None")
+    if not is_batch_norm(bn):
+        raise Unconvertible(f"{_where(where, bn)}: is not a BatchNorm with running statistics "
+                            "(GroupNorm, LayerNorm, ... normalize per sample); left as it is")
     if getattr(bn, "_act", None):
-        raise ConversionError(f"{_where(where, bn)}: legacy BatchNorm with a fused activation "
-                              f"'{bn._act}' cannot be folded; use BatchNorm2D and a separate activation")
+        raise Unconvertible(f"{_where(where, bn)}: legacy BatchNorm with a fused activation "
+                            f"'{bn._act}' cannot be folded; use BatchNorm2D and a separate activation")
+    if type(bn).forward not in _STOCK_BN_FORWARDS:
+        raise Unconvertible(f"{_where(where, bn)}: {type(bn).__name__} overrides forward, so what it computes "
+                            "is not a BatchNorm's; left unfolded")
+    if hooks(bn):
+        raise Unconvertible(f"{_where(where, bn)}: has forward hooks, which may change what it computes; "
+                            "left unfolded")
     stats = BatchNormStats(bn._mean, bn._variance, bn.weight, bn.bias, float(bn._epsilon))
     for label, value in (("running_mean", stats.running_mean), ("running_var", stats.running_var),
                          ("weight", stats.gamma), ("bias", stats.beta)):
@@ -79,6 +154,8 @@ def batch_norm_stats(bn: nn.Layer, where: str) -> BatchNormStats:
     if bool((stats.running_var + stats.epsilon <= 0).any()):
         raise ConversionError(f"{_where(where, bn)}: running_var + epsilon <= 0 for some channel, "
                               "so the BatchNorm divides by zero or a negative root; the statistics are broken")
+    if probe:
+        check_running_statistics(bn, where)
     return stats
 
 
@@ -86,28 +163,82 @@ def conv_kernel_bias(conv: nn.Layer) -> Tuple[paddle.Tensor, Optional[paddle.Ten
     return conv.weight, conv.bias
 
 
-def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str) -> kernels.KernelBias:
-    """Kernel and bias of ``bn(conv(x))`` as one conv."""
+def check_conv(conv: nn.Layer, where: str) -> None:
+    """Raise :class:`Unconvertible` unless ``conv`` computes Paddle's conv of its own ``weight``/``bias``.
+
+    A subclass's ``forward`` (weight standardization), a hook (``weight_norm``,
+    ``spectral_norm`` rebuild ``weight`` before every call) or a weight that is
+    not a parameter would overwrite or re-normalize a folded kernel.
+    """
     if not is_conv(conv):
-        raise ConversionError(f"{_where(where, conv)}: expected a convolution before the BatchNorm")
-    stats = batch_norm_stats(bn, where)
+        raise Unconvertible(f"{_where(where, conv)}: is not a convolution; left as it is")
+    if type(conv).forward not in _STOCK_CONV_FORWARDS:
+        raise Unconvertible(f"{_where(where, conv)}: {type(conv).__name__} overrides forward (its weight may be "
+                            "transformed there), so a folded kernel would not be what it uses; left unfolded")
+    if hooks(conv):
+        raise Unconvertible(f"{_where(where, conv)}: has forward hooks (weight_norm, spectral_norm and the like "
+                            "rebuild the weight before each call), so a folded kernel would be overwritten; "
+                            "left unfolded")
+    if conv._parameters.get("weight") is None or (conv.bias is not None and conv._parameters.get("bias") is None):
+        raise Unconvertible(f"{_where(where, conv)}: its weight or bias is not a parameter of the layer; "
+                            "left unfolded")
+
+
+def checked_kernel(kernel_bias: kernels.KernelBias, where: str) -> kernels.KernelBias:
+    """``kernel_bias`` if every value is finite; a fold that overflows the layer's dtype (fp16) is refused."""
+    for label, value in zip(("kernel", "bias"), kernel_bias):
+        if value is not None and not bool(paddle.isfinite(value.astype("float32")).all()):
+            raise Unconvertible(f"{where}: the folded {label} is not finite in {str(value.dtype).split('.')[-1]} "
+                                "(the BatchNorm's scale gamma / sqrt(var + eps) overflows it); left unfolded -- "
+                                "convert the model in float32 to fold it")
+    return kernel_bias
+
+
+def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[str] = None) -> kernels.KernelBias:
+    """Kernel and bias of ``bn(conv(x))`` as one conv (after checking both layers compute what they say).
+
+    ``where`` names the BatchNorm, ``conv_where`` the conv (default: ``where``)."""
+    stats = batch_norm_stats(bn, where, probe=False)
+    check_conv(conv, conv_where or where)
+    if channel_last(conv) != channel_last(bn):
+        raise Unconvertible(f"{_where(where, bn)}: data format {getattr(bn, '_data_format', None) or bn._data_layout} "
+                            f"differs from its conv's {conv._data_format}: it normalizes another axis than the "
+                            "conv's channels; left unfolded")
     out_channels = conv._out_channels
     if stats.running_mean.shape[0] != out_channels:
-        raise ConversionError(f"{_where(where, bn)}: BatchNorm has {stats.running_mean.shape[0]} channels "
-                              f"but the conv before it gives {out_channels}")
+        raise Unconvertible(f"{_where(where, bn)}: BatchNorm has {stats.running_mean.shape[0]} channels "
+                            f"but the conv before it gives {out_channels}; left unfolded")
     kernel, bias = conv_kernel_bias(conv)
-    return kernels.fold_bn(kernel, bias, stats.running_mean, stats.running_var, stats.gamma,
-                           stats.beta, stats.epsilon,
-                           transposed=isinstance(conv, TRANSPOSED_CONVS), groups=conv._groups)
+    folded = checked_kernel(kernels.fold_bn(kernel, bias, stats.running_mean, stats.running_var, stats.gamma,
+                                            stats.beta, stats.epsilon,
+                                            transposed=isinstance(conv, TRANSPOSED_CONVS), groups=conv._groups),
+                            where)
+    check_running_statistics(bn, where)
+    return folded
 
 
 def bn_as_kernel(bn: nn.Layer, where: str, groups: int = 1, kernel_size=1, ndim: int = 2) -> kernels.KernelBias:
     """Kernel and bias of a bare BatchNorm (an identity branch) as one conv."""
-    stats = batch_norm_stats(bn, where)
+    stats = batch_norm_stats(bn, where, probe=False)
     channels = stats.running_mean.shape[0]
     identity = kernels.identity_kernel(channels, groups, kernel_size, ndim, dtype=stats.running_mean.dtype)
-    return kernels.fold_bn(identity, None, stats.running_mean, stats.running_var, stats.gamma,
-                           stats.beta, stats.epsilon)
+    folded = checked_kernel(kernels.fold_bn(identity, None, stats.running_mean, stats.running_var, stats.gamma,
+                                            stats.beta, stats.epsilon), where)
+    check_running_statistics(bn, where)
+    return folded
+
+
+def channel_scale(alpha: paddle.Tensor, channels: int, where: str) -> paddle.Tensor:
+    """A branch scale as the merge takes it: a one-element tensor, or ``[channels]`` when ``alpha``
+    broadcasts per channel over an NCHW output (shape ``[1, C, 1, 1]`` or ``[C, 1, 1]``)."""
+    shape = list(alpha.shape)
+    if alpha.size == 1:
+        return alpha.reshape([1])
+    padded = [1] * (4 - len(shape)) + shape
+    if len(padded) == 4 and padded[1] == channels and padded[0] == padded[2] == padded[3] == 1:
+        return alpha.reshape([channels])
+    raise Unconvertible(f"{where}: alpha of shape {shape} is neither one number nor one per output channel "
+                        f"([1, {channels}, 1, 1]); left as it is")
 
 
 def _set_param(layer: nn.Layer, name: str, value: paddle.Tensor) -> None:

@@ -16,7 +16,8 @@ import paddle
 
 from . import kernels, layers
 from .blocks import RepParamMixin, repvgg_kernel_bias
-from .convert import Rewrite, Site, register_conv_bn, register_converter
+from .convert import Rewrite, Site, register_conv_bn, register_converter, require_forward
+from .errors import Unconvertible
 
 from ppdet.modeling.backbones.cspresnet import ConvBNLayer as CSPConvBNLayer
 from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
@@ -24,23 +25,31 @@ from ppdet.modeling.backbones.mobileone import MobileOneBlock
 from ppdet.modeling.layers import ConvNormLayer
 
 
-def _ppdet_alpha(block) -> Optional[paddle.Tensor]:
-    # ppdet's forward runs `if self.alpha:` -- a tensor's truth value -- so an
-    # alpha of exactly 0 computes conv1 + conv2 there. Convert what ppdet's
-    # layer computes, not what it meant.
+def _ppdet_alpha(block, where: str) -> Optional[paddle.Tensor]:
+    """The alpha ppdet's forward applies: it runs ``if self.alpha:``, a tensor's truth value, which on
+    Paddle 3.x is ``alpha > 0`` -- so for alpha <= 0 or NaN it computes ``conv1 + conv2``. Convert what
+    ppdet's layer computes, not what it meant: the same truth value is asked here."""
     alpha = getattr(block, "alpha", None)
-    if alpha is None or float(alpha.reshape([-1])[0]) == 0.0:
+    if alpha is None:
         return None
-    return alpha
+    try:
+        applied = bool(alpha)
+    except Exception as exc:  # a tensor of several values has no truth value: ppdet's forward fails too
+        raise Unconvertible(f"{where}.alpha: shape {list(alpha.shape)} has no truth value, so ppdet's "
+                            f"forward (`if self.alpha:`) fails on it ({type(exc).__name__}); left as it is") from None
+    return alpha if applied else None
 
 
 def convert_ppdet_repvgg(block: PPDetRepVggBlock, site: Site) -> Optional[List[Rewrite]]:
     if hasattr(block, "conv"):
         return None
-    kernel, bias = repvgg_kernel_bias(block, block.conv1, block.conv2, None, _ppdet_alpha(block), site.where)
+    require_forward(block, PPDetRepVggBlock, site.where)
+    kernel, bias = repvgg_kernel_bias(block, block.conv1, block.conv2, None, _ppdet_alpha(block, site.where),
+                                      site.where)
     template = block.conv1.conv
     new_conv = layers.make_conv(kernel, bias, stride=template._stride, padding=1)
     folded = [block.conv1.bn, block.conv2.bn]
+    pairs = [(block.conv1.conv, block.conv1.bn), (block.conv2.conv, block.conv2.bn)]
 
     def apply():
         block.conv = new_conv
@@ -48,13 +57,14 @@ def convert_ppdet_repvgg(block: PPDetRepVggBlock, site: Site) -> Optional[List[R
             if hasattr(block, name):
                 delattr(block, name)
         block.alpha = None
-    return [Rewrite(site.where, "ppdet.RepVggBlock", apply, folded)]
+    return [Rewrite(site.where, "ppdet.RepVggBlock", apply, folded, pairs=pairs, block=block, touched=[block])]
 
 
 def convert_mobileone(block: MobileOneBlock, site: Site) -> Optional[List[Rewrite]]:
     """MobileOne: ``act(pw(act(dw(x))))`` with each of dw, pw a sum of branches."""
     if hasattr(block, "conv1") and hasattr(block, "conv2"):
         return None
+    require_forward(block, MobileOneBlock, site.where)
     where, mixin = site.where, RepParamMixin
     k = block.kernel_size
     depthwise = [mixin._fuse_bn_tensor(block, b, where=f"{where}.depth_conv.{i}") for i, b in
@@ -69,16 +79,20 @@ def convert_mobileone(block: MobileOneBlock, site: Site) -> Optional[List[Rewrit
     if block.rbr_identity_st2 is not None:
         pointwise.append(mixin._fuse_bn_tensor(block, block.rbr_identity_st2, kernel_size=1,
                                                where=f"{where}.rbr_identity_st2"))
-    conv1 = layers.conv_like(block.depth_conv[0].conv, *kernels.merge_parallel(depthwise))
-    conv2 = layers.conv_like(block.point_conv[0].conv, *kernels.merge_parallel(pointwise))
+    conv1 = layers.conv_like(block.depth_conv[0].conv, *layers.checked_kernel(
+        kernels.merge_parallel(depthwise), f"{where}.depth_conv"))
+    conv2 = layers.conv_like(block.point_conv[0].conv, *layers.checked_kernel(
+        kernels.merge_parallel(pointwise), f"{where}.point_conv"))
     folded = [sub for sub in block.sublayers() if layers.is_batch_norm(sub)]
+    pairs = [(branch.conv, getattr(branch, 'bn', None) or branch.norm)
+             for branch in list(block.depth_conv) + list(block.point_conv) + [block.rbr_1x1]]
 
     def apply():
         block.conv1, block.conv2 = conv1, conv2
         for name in ("depth_conv", "point_conv", "rbr_1x1", "rbr_identity_st1", "rbr_identity_st2"):
             if hasattr(block, name):
                 delattr(block, name)
-    return [Rewrite(where, "ppdet.MobileOneBlock", apply, folded)]
+    return [Rewrite(where, "ppdet.MobileOneBlock", apply, folded, pairs=pairs, block=block, touched=[block])]
 
 
 register_converter(PPDetRepVggBlock, convert_ppdet_repvgg)
