@@ -653,6 +653,13 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
     layers.check_eval(model, "")
     if input_spec is None and example_inputs is not None:
         input_spec = dataflow.spec_from_inputs(example_inputs)
+    try:
+        return _convert(model, inplace, strict, input_spec, example_inputs, check, tolerance, forward_with, start)
+    finally:
+        _PLACES.clear()  # it refers to the working copy
+
+
+def _convert(model, inplace, strict, input_spec, example_inputs, check, tolerance, forward_with, start):
     work = copy.deepcopy(model)
     wrap = forward_with or (lambda layer: layer)
     confirming = 0.0
@@ -681,7 +688,6 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
         verification = _check_outputs(wrap(model), wrap(work), inputs, reference, plan.rewrites, before,
                                       tolerance or CHECK_TOLERANCE.get(_float_dtype(model), 1e-4))
         confirming += time.perf_counter() - tick
-    _PLACES.clear()
     result = work
     if inplace:
         transplant(model, work)
