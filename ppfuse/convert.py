@@ -497,7 +497,8 @@ class ConversionReport:
         lines = [f"converted {len(self.converted)} layers in {self.seconds:.3f} s, "
                  f"{self.batch_norms_folded} BatchNorm folded, {len(self.remaining_batch_norms)} left"]
         if self.converted:
-            lines.append("  every rewrite confirmed by a trace, outputs compared" if self.confirmed_by_trace else
+            lines.append(("  every rewrite confirmed by a trace" + (", outputs compared" if self.verification else ""))
+                         if self.confirmed_by_trace else
                          f"  {len(self.unconfirmed)} rewrites not confirmed by a trace (no input_spec given)")
         lines += [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
         lines += [f"  BatchNorm left at {where}: {why}" for where, why in self.remaining_batch_norms.items()]

@@ -155,7 +155,8 @@ class ConvReused(nn.Layer):
 
 
 class ConvReusedInIf(nn.Layer):
-    """The conv is used again only inside a data-dependent branch."""
+    """The conv (``reused = 0``) or the BN (``reused = 1``) is applied again only inside a data-dependent branch."""
+    reused = 0
 
     def __init__(self, conv, bn, act):
         super().__init__()
@@ -164,20 +165,12 @@ class ConvReusedInIf(nn.Layer):
     def forward(self, x):
         y = self.seq(x)
         if x.mean() > 0:
-            y = y + self.seq[0](x)
+            y = y + self.seq[self.reused](x)
         return y
 
 
-class BNReusedInIf(nn.Layer):
-    def __init__(self, conv, bn, act):
-        super().__init__()
-        self.seq = nn.Sequential(conv, bn)
-
-    def forward(self, x):
-        y = self.seq(x)
-        if x.mean() > 0:
-            y = y + self.seq[1](x)
-        return y
+class BNReusedInIf(ConvReusedInIf):
+    reused = 1
 
 
 class StandardizedConv(nn.Conv2D):
@@ -272,6 +265,23 @@ class PosthookConv(nn.Layer):
 
     def forward(self, x):
         return self.seq(x)
+
+
+class ConvertsItself(nn.Layer):
+    """A third-party block that only exposes convert_to_deploy()."""
+
+    def __init__(self, channels, kernel=1):
+        super().__init__()
+        self.conv = nn.Conv2D(channels, channels, kernel, padding=kernel // 2, bias_attr=False)
+        self.bn = nn.BatchNorm2D(channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def convert_to_deploy(self):
+        kernel, bias = layers.fold_conv_bn(self.conv, self.bn, "ConvertsItself")
+        self.conv = layers.conv_like(self.conv, kernel, bias)
+        self.bn = nn.Identity()
 
 
 PAIR_PATTERNS = [Plain, Declared, ByName, TapIterated, TapSubclass, SeparateCalls, ConvReused, ConvReusedInIf,

@@ -4,6 +4,7 @@ import paddle
 import paddle.nn as nn
 import pytest
 
+from adversarial_models import ConvertsItself
 from conftest import assert_close, scale_to_unit
 from ppfuse import ConvBN, ConversionError, RepVggBlock, Rewrite, convert, layers, register_converter
 from ppfuse.convert import register_conv_bn
@@ -165,29 +166,12 @@ def test_register_conv_bn_declares_the_pair():
         _CONVERTERS.pop(ConvThenBNByName)
 
 
-class WithMethod(nn.Layer):
-    """A third-party block that only exposes convert_to_deploy()."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2D(2, 2, 1, bias_attr=False)
-        self.bn = nn.BatchNorm2D(2)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-    def convert_to_deploy(self):
-        kernel, bias = layers.fold_conv_bn(self.conv, self.bn, "WithMethod")
-        self.conv = layers.conv_like(self.conv, kernel, bias)
-        self.bn = nn.Identity()
-
-
 def test_layers_with_convert_to_deploy_are_converted_on_a_copy():
-    net = nn.Sequential(WithMethod(), nn.ReLU())
+    net = nn.Sequential(ConvertsItself(2), nn.ReLU())
     layers.randomize(net, 2)
     net.eval()
     x = paddle.randn([1, 2, 4, 4])
     report = convert(net)
-    assert report.counts == {"WithMethod.convert_to_deploy": 1} and report.batch_norms_folded == 1
+    assert report.counts == {"ConvertsItself.convert_to_deploy": 1} and report.batch_norms_folded == 1
     assert isinstance(net[0].bn, nn.BatchNorm2D) and isinstance(report.model[0].bn, nn.Identity)
     assert_close(scale_to_unit(report.model(x)), scale_to_unit(net(x)))

@@ -13,7 +13,7 @@ import paddle.nn as nn
 import pytest
 from paddle.static import InputSpec
 
-from adversarial_models import (BNReused, ConvReusedInIf, BNReusedInIf, FormatMismatch, Plain, SeparateCalls,
+from adversarial_models import (BNReused, ConvertsItself, ConvReusedInIf, BNReusedInIf, FormatMismatch, Plain, SeparateCalls,
                                 Squeezed, StandardizedConv, TapIterated, TapSubclass)
 from ppfuse import ConversionError, KernelError, PPFuseError, RepVggBlock, convert, kernels, layers
 from ppfuse.errors import CheckpointError
@@ -214,23 +214,8 @@ def test_fold_overflowing_float16_is_left_not_made_inf():
 
 
 # 8. report and API
-class WithMethod(nn.Layer):
-    def __init__(self):
-        super().__init__()
-        self.conv = conv(bias_attr=False)
-        self.bn = nn.BatchNorm2D(C)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-    def convert_to_deploy(self):
-        kernel, bias = layers.fold_conv_bn(self.conv, self.bn, "WithMethod")
-        self.conv = layers.conv_like(self.conv, kernel, bias)
-        self.bn = nn.Identity()
-
-
 def test_inplace_converts_a_root_that_has_convert_to_deploy():
-    model = prepared(WithMethod())
+    model = prepared(ConvertsItself(C, 3))
     xs = inputs()
     expected = outputs(model, xs)
     report = convert(model, inplace=True)
@@ -249,7 +234,7 @@ class TwoParents(nn.Layer):
 
 
 def test_layer_shared_by_two_parents_is_converted_in_both():
-    model = prepared(TwoParents(WithMethod()))
+    model = prepared(TwoParents(ConvertsItself(C, 3)))
     for report in both_modes(model):
         assert isinstance(report.model.a[0].bn, nn.Identity) and report.model.a[0] is report.model.b[0]
         assert not report.remaining_batch_norms
