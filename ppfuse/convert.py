@@ -46,7 +46,7 @@ import paddle
 import paddle.nn as nn
 
 from . import dataflow, layers
-from .blocks import ConvBN, RepVggBlock
+from .blocks import ConvBN, QARepVggBlock, RepVggBlock
 from .errors import ConversionError, Unconvertible, VerificationError
 from .verify import VerificationResult, flatten_outputs, judge
 
@@ -239,6 +239,18 @@ def convert_repvgg(block: RepVggBlock, site: Site) -> Optional[List[Rewrite]]:
                     pairs=pairs, block=block, touched=[block])]
 
 
+def convert_qarepvgg(block: QARepVggBlock, site: Site) -> Optional[List[Rewrite]]:
+    if block.deployed:
+        return None
+    require_forward(block, QARepVggBlock, site.where)
+    kernel, bias = block.get_equivalent_kernel_bias(site.where)
+    # the 1x1 conv and the identity have no BatchNorm; the one after the sum is fed by an add, not a conv:
+    # the trace confirms the 3x3 pair and that no part of the block is used from outside it
+    pairs = [(block.conv1.conv, block.conv1.bn)]
+    return [Rewrite(site.where, "QARepVggBlock", lambda: block.deploy_with(kernel, bias), _batch_norms(block),
+                    pairs=pairs, block=block, touched=[block])]
+
+
 def convert_by_method(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
     """Any layer with ``convert_to_deploy()``: run it on a copy, swap the copy in when all is planned.
 
@@ -260,6 +272,7 @@ def convert_by_method(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
 
 
 register_converter(RepVggBlock, convert_repvgg)
+register_converter(QARepVggBlock, convert_qarepvgg)
 register_converter(nn.Sequential, convert_sequential, descend=True)
 register_conv_bn(ConvBN, "conv", "bn")
 
@@ -332,11 +345,20 @@ def _reaches_into(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) 
                 if (attribute in child._sub_layers or attribute in child._parameters or attribute in child._buffers
                         or attribute in _GENERIC_ACCESS):
                     return f"{type(ancestor).__name__} uses {name}.{attribute} directly"
+                if holder and attribute != "forward" and _own_method(type(child), attribute):
+                    return (f"{type(ancestor).__name__} calls {name}.{attribute}(), a method of "
+                            f"{type(child).__name__} that may return what forward keeps inside")
                 continue
             if isinstance(child, _CONTAINERS) and not holder:
                 continue  # iterating / indexing a container of composite layers, whose items it calls
             return f"{type(ancestor).__name__} uses '{name}' other than by calling it (iterates, indexes or keeps it)"
     return None
+
+
+def _own_method(cls: type, name: str) -> bool:
+    """``name`` is a method defined by ``cls`` or a base of it that is not one of Paddle's own layers."""
+    return any(name in vars(klass) and inspect.isfunction(vars(klass)[name]) for klass in cls.__mro__
+               if klass is not object and not klass.__module__.startswith("paddle.nn"))
 
 
 def _only_tested(before: str, after: str) -> bool:
@@ -346,7 +368,14 @@ def _only_tested(before: str, after: str) -> bool:
     return bool(re.search(r"\b(if|elif|while|and|or|not)\s+$", before) and re.match(r"\s*(:|and\b|or\b)", after))
 
 
-def _unvouched(chain: Tuple) -> Optional[str]:
+def _unvouched(chain: Tuple, rewrite: Rewrite) -> Optional[str]:
+    """Why a rewrite cannot be vouched for without a trace: a conv or BN it folds sits at two places in
+    the model (so it is also applied elsewhere), or an ancestor's code reaches into the layer."""
+    for conv, bn in rewrite.pairs:
+        for layer in (conv, bn):
+            if len(_places_of(layer)) > 1:
+                return (f"{type(layer).__name__} at {rewrite.where} is also held elsewhere in the model "
+                        f"({len(_places_of(layer))} places), so it may be applied to something else too")
     for i, (ancestor, name, child) in enumerate(chain):
         reason = _reaches_into(ancestor, name, child, holder=(i == len(chain) - 1))
         if reason is not None:
@@ -403,7 +432,7 @@ def _plan(model: nn.Layer, tr: Optional[dataflow.Trace]) -> _Plan:
                 leave_all(layer, str(exc))
                 planned, descend = [], True
             for rewrite in planned:
-                reason = _unvouched(site.chain) if tr is None else _confirm(rewrite, tr)
+                reason = _unvouched(site.chain, rewrite) if tr is None else _confirm(rewrite, tr)
                 if reason is not None:
                     how = "not confirmed by the trace" if tr is not None else \
                         "not vouched for without a trace (pass input_spec to confirm it)"

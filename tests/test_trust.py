@@ -15,7 +15,7 @@ from paddle.static import InputSpec
 
 from adversarial_models import (BNReused, ConvertsItself, ConvReusedInIf, BNReusedInIf, FormatMismatch, Plain, SeparateCalls,
                                 Squeezed, StandardizedConv, TapIterated, TapSubclass)
-from ppfuse import ConversionError, KernelError, PPFuseError, RepVggBlock, convert, kernels, layers
+from ppfuse import ConvBN, ConversionError, KernelError, PPFuseError, RepVggBlock, convert, kernels, layers
 from ppfuse.errors import CheckpointError
 
 C = 4
@@ -334,3 +334,41 @@ def test_output_check_refuses_and_names_the_rewrite(monkeypatch):
 
 
 
+
+
+class SharedBatchNorm(nn.Layer):
+    """The pair's BN object also sits under a second name and is applied to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(conv(), nn.BatchNorm2D(C))
+        self.extra = self.seq[1]
+
+    def forward(self, x):
+        return self.seq(x) + self.extra(x)
+
+
+class Intermediates(ConvBN):
+    def intermediates(self, x):
+        c = self.conv(x)
+        return self.bn(c), c
+
+
+class CallsAMethod(nn.Layer):
+    """A parent calls a method of a registered pair type that returns the conv output too."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Intermediates(C, C, 3, padding=1)
+
+    def forward(self, x):
+        y, c = self.block.intermediates(x)
+        return y + c
+
+
+@pytest.mark.parametrize("model_type,why", [(SharedBatchNorm, "held elsewhere|BatchNorm 2 times"),
+                                            (CallsAMethod, "calls block.intermediates|also used elsewhere")])
+def test_layers_reached_other_than_through_forward_are_not_folded(model_type, why):
+    for report in both_modes(prepared(model_type())):
+        assert report.batch_norms_folded == 0
+        assert re.search(why, next(iter(report.remaining_batch_norms.values())))
