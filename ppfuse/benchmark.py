@@ -192,7 +192,10 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
             verify_seconds = time.perf_counter() - start
         result = VariantResult(name, directory, {}, 0, prepare, verify_seconds)
         try:
-            save_inference_model(model, os.path.join(directory, "model"), size, with_nms=with_nms)
+            # ppdet's own path keeps its ESE mean; every variant gets the exact upsample (without which none
+            # runs under oneDNN)
+            save_inference_model(model, os.path.join(directory, "model"), size, with_nms=with_nms,
+                                 ese_pool=name == "ppfuse deploy")
             result.ops = count_ops(directory)
             result.params_bytes = os.path.getsize(os.path.join(directory, "model.pdiparams"))
             if name == "ppfuse deploy" and onnx_available():

@@ -6,9 +6,14 @@ needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
 
 1. wrap the model as ``(image, scale_factor) -> (bbox [K, 6], bbox_num [N])``
    (or the raw ``(boxes, scores)`` before NMS), NMS by ``multiclass_nms3``;
-2. trace it with ``paddle.jit.to_static(full_graph=True)``, writing nearest
-   x2 upsampling as reshape+expand+reshape -- bit-exact, and the form
-   Paddle Inference's oneDNN path runs (its ``nearest_interp`` fails there);
+2. trace it with ``paddle.jit.to_static(full_graph=True)`` under
+   :func:`deploy_rewrites`, forms Paddle Inference's oneDNN path runs fast
+   (each verified with the rest of the deployed model, see :func:`verify_deployed`):
+   nearest x2 upsampling as reshape+expand+reshape (bit-exact; oneDNN's
+   ``nearest_interp`` fails), CSPResNet's ESE ``x.mean((2, 3))`` as
+   ``adaptive_avg_pool2d(x, 1)`` (oneDNN runs the mean as its slow reference
+   reduction), conv biases inside the conv (oneDNN fuses them) unless
+   ``conv_bias="channel_add"`` asks for separate ``[C, 1, 1]`` adds;
 3. write ``model.json``/``model.pdiparams``, ``infer_cfg.yml`` (the format of
    PaddleDetection's ``deploy/python/infer.py``), the deploy checkpoint and a
    report, into a temporary directory moved into place only when complete.
@@ -123,6 +128,8 @@ def _conv2d_bias_per_channel(self, x):
     The same sum, bit for bit; but Paddle's CPU ``add`` broadcasts a ``[1, C, 1, 1]``
     operand over a batch slowly (dygraph, 1 thread, [2, 384, 40, 40]: 10 ms vs 0.7 ms),
     which made the folded model slower than ppdet's (conv + batch_norm) without oneDNN.
+    With oneDNN it is the slower form: oneDNN's conv-bias fusion matches Paddle's own
+    ``[1, C, 1, 1]`` add only, and leaves this one a separate binary primitive.
     """
     if self.bias is None or self._data_format != "NCHW" or self._padding_mode != "zeros":
         return _CONV2D_FORWARD(self, x)
@@ -144,12 +151,73 @@ def cpu_friendly_conv_bias():
         nn.Conv2D.forward = _CONV2D_FORWARD
 
 
+def _ese_with_pool(self, x):
+    """ppdet's ``EffectiveSELayer.forward`` with ``x.mean((2, 3), keepdim=True)`` written as
+    ``F.adaptive_avg_pool2d(x, 1)``: the same mean (up to fp32 summation order), which
+    oneDNN runs as a jit pooling primitive instead of its reference reduction (PP-YOLOE+ s
+    at 640, verbose profile: 4 reductions took ~28 ms of ~130, the pooling < 0.5 ms)."""
+    return x * self.act(self.fc(F.adaptive_avg_pool2d(x, 1)))
+
+
+@contextlib.contextmanager
+def onednn_friendly_ese():
+    """While tracing, make ppdet's CSPResNet ``EffectiveSELayer`` use :func:`_ese_with_pool`."""
+    try:
+        from ppdet.modeling.backbones import cspresnet
+    except ImportError:
+        yield
+        return
+    original = cspresnet.EffectiveSELayer.forward
+    cspresnet.EffectiveSELayer.forward = _ese_with_pool
+    try:
+        yield
+    finally:
+        cspresnet.EffectiveSELayer.forward = original
+
+
+# How the export writes each conv's bias: "in_conv" keeps Paddle's own form (conv2d, then an add of
+# the bias as [1, C, 1, 1]), which oneDNN fuses into the conv -- the default, as Paddle Inference runs
+# oneDNN by default; "channel_add" adds it as [C, 1, 1], which Paddle's own CPU kernels (oneDNN off)
+# broadcast faster over a batch > 1. Measured in README, Export.
+CONV_BIAS_FORMS = ("in_conv", "channel_add")
+DEFAULT_CONV_BIAS = "in_conv"
+
+
+@contextlib.contextmanager
+def deploy_rewrites(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True):
+    """Every rewrite of the exported program; on while tracing and while verifying the deployed model.
+
+    Args:
+        conv_bias: one of :data:`CONV_BIAS_FORMS`.
+        ese_pool: write CSPResNet's ESE mean as ``adaptive_avg_pool2d`` (:func:`onednn_friendly_ese`);
+            the benchmark turns it off for ppdet's own path.
+    """
+    if conv_bias not in CONV_BIAS_FORMS:
+        raise ExportError(f"conv_bias {conv_bias!r}: use one of {', '.join(CONV_BIAS_FORMS)}")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(onednn_friendly_upsample())
+        if ese_pool:
+            stack.enter_context(onednn_friendly_ese())
+        if conv_bias == "channel_add":
+            stack.enter_context(cpu_friendly_conv_bias())
+        yield
+
+
+def rewrites_report(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True) -> Dict[str, str]:
+    """What :func:`deploy_rewrites` wrote, for ``ppfuse_report.json``."""
+    return {"nearest_upsample": "reshape+expand+reshape",
+            "ese_mean": "adaptive_avg_pool2d" if ese_pool else "mean",
+            "conv_bias": conv_bias}
+
+
 def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True,
-                         topk_before_nms: bool = False) -> None:
-    """Trace ``model`` (a PP-YOLOE-style detector in eval mode) and ``paddle.jit.save`` it."""
+                         topk_before_nms: bool = False, conv_bias: str = DEFAULT_CONV_BIAS,
+                         ese_pool: bool = True) -> None:
+    """Trace ``model`` (a PP-YOLOE-style detector in eval mode) under :func:`deploy_rewrites` and
+    ``paddle.jit.save`` it."""
     wrapper = DetectorForInference(model, with_nms, topk_before_nms)
     wrapper.eval()
-    with onednn_friendly_upsample(), cpu_friendly_conv_bias():
+    with deploy_rewrites(conv_bias, ese_pool):
         static = paddle.jit.to_static(wrapper, input_spec=detector_input_spec(size), full_graph=True)
         paddle.jit.save(static, path_prefix)
 
@@ -208,9 +276,12 @@ def detector_outputs(boxes, scores, size: List[int]) -> Dict[str, np.ndarray]:
 
 
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
-                    rtol: float = DEFAULT_RTOL, seed: int = 0) -> VerificationResult:
+                    rtol: float = DEFAULT_RTOL, seed: int = 0, conv_bias: str = DEFAULT_CONV_BIAS,
+                    ese_pool: bool = True) -> VerificationResult:
     """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image.
 
+    The deployed model runs under the export's :func:`deploy_rewrites` (the
+    function the saved program computes), the training form as ppdet wrote it.
     Boxes are compared as fractions of the input size, so one tolerance fits
     boxes and scores (both O(1)). Above tolerance, the training form is also
     evaluated in float64: some models (PP-YOLOE+ l with random weights: ~1 px
@@ -225,7 +296,10 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
         with paddle.no_grad():
             return detector_outputs(*(t.numpy() for t in DetectorForInference(model, with_nms=False)(image, scale)),
                                     size=size)
-    result = judge(run(training_model), run(deployed), atol, rtol,
+    reference = run(training_model)
+    with deploy_rewrites(conv_bias, ese_pool):
+        candidate = run(deployed)
+    result = judge(reference, candidate, atol, rtol,
                    lambda: detector_outputs(*raw_outputs_float64(training_model, image, scale), size=size))
     if not result.ok:
         raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
@@ -312,11 +386,14 @@ def atomic_directory(target: str):
 
 def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = None, seed: int = 0,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, with_nms: bool = True,
-           strict: bool = False, onnx: bool = False, log=print) -> ExportResult:
+           strict: bool = False, onnx: bool = False, conv_bias: str = DEFAULT_CONV_BIAS,
+           log=print) -> ExportResult:
     """Build, convert, verify and write ``output_dir/<config name>/``; all files or none.
 
     Args:
         strict: fail when any BatchNorm would stay unfolded (otherwise warn).
+        conv_bias: how ``model.json`` writes conv biases (:data:`CONV_BIAS_FORMS`): ``in_conv``
+            (default; oneDNN fuses it) or ``channel_add`` (faster with oneDNN off, batch > 1).
         onnx: also write ``model.onnx`` (paddle2onnx), checked against Paddle
             Inference: no BatchNormalization or If node, outputs within tolerance.
 
@@ -326,6 +403,8 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
         ConfigError, CheckpointError, ConversionError: as named.
     """
     require_paddle_3()
+    if conv_bias not in CONV_BIAS_FORMS:
+        raise ConfigError(f"--conv_bias {conv_bias}: use one of {', '.join(CONV_BIAS_FORMS)}")
     timings = {}
     size = config.input_size()
     start = time.perf_counter()
@@ -340,18 +419,21 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     if overflow:
         log(f"WARNING: {len(overflow)} folded weights exceed the float16 range, first {next(iter(overflow))} "
             f"(|w| up to {max(overflow.values()):.3g}): fp16 inference of this export will overflow")
-    verification = None
+    start = time.perf_counter()
+    # without a training form (a deploy checkpoint), the rewrites are still checked: the deployed
+    # model as loaded against itself under deploy_rewrites
+    reference = built.training_model if built.training_model is not None else built.model
+    verification = verify_deployed(reference, built.model, size, atol, rtol, seed, conv_bias)
+    timings["verify"] = time.perf_counter() - start
     if built.training_model is not None:
-        start = time.perf_counter()
-        verification = verify_deployed(built.training_model, built.model, size, atol, rtol, seed)
-        timings["verify"] = time.perf_counter() - start
         log(f"verified against the training form: {verification.summary()}")
     else:
-        log("weights are already deployed: no training form to verify against")
+        log("weights are already deployed: no training form to verify against; the export's rewrites "
+            f"verified against the deployed model as loaded: {verification.summary()}")
     target = os.path.join(output_dir, config.name)
     start = time.perf_counter()
     with atomic_directory(target) as tmp:
-        save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms)
+        save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms, conv_bias=conv_bias)
         _infer_cfg(config, os.path.join(tmp, "infer_cfg.yml"), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
@@ -361,7 +443,9 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "weights_form": built.weights_form, "random_weights": built.weights_form == "random",
             "input_size": size, "with_nms": with_nms,
             "conversion": built.conversion.to_dict() if built.conversion else None,
-            "verification": verification.to_dict() if verification else None,
+            "verification": verification.to_dict(),
+            "verified_against": "training form" if built.training_model is not None else "deployed model as loaded",
+            "rewrites": rewrites_report(conv_bias),
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
             "fp16_overflow": overflow,
             "onnx": onnx_report,

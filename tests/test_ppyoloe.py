@@ -8,6 +8,7 @@ scores in [0, 1]): boxes atol 1e-2 px, scores atol 1e-4, rtol 1e-4. Measured:
 ~4e-3 px and ~2e-5 -- the size of fp32 rounding: the training form itself is
 ~3e-3 px from a float64 evaluation, and the deployed model is no further from it.
 """
+import json
 import os
 
 import numpy as np
@@ -192,3 +193,56 @@ def test_top_k_before_nms_gives_the_same_detections(built, inputs):
     np.testing.assert_array_equal(topk[1].numpy(), plain[1].numpy())
     assert plain[1].numpy().sum() > 10
     np.testing.assert_array_equal(topk[0].numpy(), plain[0].numpy())
+
+
+def test_ese_mean_written_as_pooling_is_the_same_mean(built):
+    """The export's ESE rewrite (oneDNN runs x.mean((2, 3)) as its slow reference reduction): the same
+    numbers up to fp32 summation order, per layer, on inputs that are not all alike."""
+    from ppdet.modeling.backbones.cspresnet import EffectiveSELayer
+    ese_layers = [s for s in built.model.sublayers() if isinstance(s, EffectiveSELayer)]
+    assert len(ese_layers) == 4
+    rng = np.random.RandomState(3)
+    for layer in ese_layers:
+        x = paddle.to_tensor(rng.standard_normal([2, layer.fc._in_channels, 9, 7]).astype("float32") + 0.5)
+        with paddle.no_grad():
+            expected = layer(x).numpy()
+            with export.onednn_friendly_ese():
+                got = layer(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_exported_program_has_the_ese_mean_as_pooling(exported):
+    _, raw_result = exported
+    ops = export.count_ops(raw_result.directory)
+    assert ops.get("mean", 0) == 0 and ops["pool2d"] >= 4  # 4 ESE + SPP's max pools + the head's ESE pools
+    with open(os.path.join(raw_result.directory, export.REPORT_FILE)) as f:
+        rewrites = json.load(f)["rewrites"]
+    assert rewrites == {"nearest_upsample": "reshape+expand+reshape", "ese_mean": "adaptive_avg_pool2d",
+                        "conv_bias": "in_conv"}
+
+
+def test_a_wrong_rewrite_is_refused_by_the_export_check(built, monkeypatch):
+    """The rewrites are part of what the export verifies: a rewrite off by 1% fails the check."""
+    monkeypatch.setattr(export, "_ese_with_pool", lambda self, x: 1.01 * x * self.act(self.fc(x.mean((2, 3),
+                                                                                                   keepdim=True))))
+    with pytest.raises(export.VerificationError, match="differs from the original beyond tolerance"):
+        export.verify_deployed(built.training_model, built.model, SIZE)
+
+
+@pytest.mark.parametrize("conv_bias", export.CONV_BIAS_FORMS)
+def test_both_conv_bias_forms_run_the_same_with_and_without_onednn(built, inputs, conv_bias, tmp_path):
+    """in_conv (the default, fused by oneDNN) and channel_add (a [C, 1, 1] add, for oneDNN off at
+    batch > 1) are the same function: Paddle Inference matches the training form on repeated runs."""
+    export.save_inference_model(built.model, str(tmp_path / "model"), SIZE, with_nms=False, conv_bias=conv_bias)
+    feed = {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()}
+    expected = raw(built.training_model, inputs)
+    for onednn in (True, False):
+        predictor = inference.create_predictor(str(tmp_path), inference.PredictorOptions(onednn=onednn))
+        for _ in range(2):
+            assert_detector_close(inference.run(predictor, feed), expected)
+
+
+def test_an_unknown_conv_bias_form_is_refused():
+    with pytest.raises(export.ExportError, match="conv_bias 'fused': use one of in_conv, channel_add"):
+        with export.deploy_rewrites("fused"):
+            pass

@@ -32,6 +32,9 @@ def run(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
     parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra)")
+    parser.add_argument("--conv_bias", choices=["in_conv", "channel_add"], default="in_conv",
+                        help="how model.json writes conv biases: in_conv (default: Paddle's own form, fused into "
+                        "the conv by oneDNN) or channel_add (a [C,1,1] add: faster with --onednn off at batch > 1)")
     args = parser.parse_args(argv)
 
     from ppfuse import detection, export
@@ -42,7 +45,8 @@ def run(argv):
               file=sys.stderr)
     tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
     result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, strict=args.strict,
-                           onnx=args.onnx, log=log, **tolerance)
+                           onnx=args.onnx, conv_bias=args.conv_bias, log=log,
+                           **tolerance)
     conversion = result.built.conversion
     if conversion is not None:
         print(conversion.summary().splitlines()[0])
