@@ -168,8 +168,9 @@ def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", repla
 
 def require_forward(layer: nn.Layer, layer_type: type, where: str) -> None:
     """Refuse a subclass of a registered type whose ``forward`` is its own: the converter knows only
-    what ``layer_type.forward`` computes."""
-    if type(layer).forward is not layer_type.forward:
+    what ``layer_type.forward`` computes (and ``forward_branches``, where ppfuse's blocks compute it)."""
+    if any(getattr(type(layer), name, None) is not getattr(layer_type, name, None)
+           for name in ("forward", "forward_branches")):
         raise Unconvertible(f"{where} ({type(layer).__name__}): overrides forward of {layer_type.__name__}, so "
                             f"it may compute something else; register a converter for {type(layer).__name__} "
                             "(ppfuse.register_converter) or pass input_spec to pair its convs by dataflow")
