@@ -11,6 +11,12 @@ converted) or a deploy checkpoint written by ppfuse (loaded into the deploy
 form); which one is told by its keys. Any key mismatch is an error naming the
 keys. With no weights the model gets random weights with randomized BatchNorm
 statistics, for trying the tool only.
+
+``ppfuse: {rep_block: qarepvgg}`` in a config builds the model with
+:class:`ppfuse.QARepVggBlock` in place of every ppdet ``RepVggBlock``
+(:func:`rep_block_switch`, :func:`swap_rep_blocks`): ppdet builds the model, the
+blocks are swapped right after, before any weights are loaded or an optimizer is
+made. Configs without the key build exactly what ppdet builds.
 """
 from __future__ import annotations
 
@@ -174,17 +180,115 @@ def load_config(path: str, overrides: Optional[Sequence[str]] = None) -> Detecti
     return config
 
 
-def build_training_model(config: DetectionConfig) -> nn.Layer:
-    """The model as ppdet builds it (training form, ppdet's initial weights), in eval mode."""
+def create_training_model(config: DetectionConfig) -> nn.Layer:
+    """The model of the config ppdet has active, built by ppdet's ``create`` (training form, ppdet's initial
+    weights, training mode), with the config's ``ppfuse.rep_block`` switch applied (:func:`swap_rep_blocks`).
+
+    Call :meth:`DetectionConfig.activate` first; what was changed in ppdet's config since is kept (as
+    :func:`ppfuse.evaluation.train` does to hand ppdet's ``Trainer`` the model)."""
+    switch = rep_block_switch(config)
     ws = _workspace()
-    config.activate()
     try:
         model = ws.create(config.architecture)
     except Exception as exc:
         raise ConfigError(f"{config.path}: ppdet could not build '{config.architecture}': "
                           f"{type(exc).__name__}: {exc}") from None
+    swap_rep_blocks(model, switch, config.path)
+    return model
+
+
+def build_training_model(config: DetectionConfig) -> nn.Layer:
+    """The model as ppdet builds it (training form, ppdet's initial weights), in eval mode -- with the config's
+    ``ppfuse.rep_block`` switch applied."""
+    config.activate()
+    model = create_training_model(config)
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------- the rep_block switch
+REP_BLOCKS = ("repvgg", "qarepvgg")
+
+
+@dataclass(frozen=True)
+class RepBlockSwitch:
+    """What a config's ``ppfuse:`` key asks of the model's re-parameterizable blocks.
+
+    ``rep_block: repvgg`` (the default, also with no ``ppfuse`` key) leaves the model as ppdet builds it;
+    ``rep_block: qarepvgg`` puts a :class:`ppfuse.QARepVggBlock` in place of every ppdet ``RepVggBlock`` --
+    in PP-YOLOE(+) the second conv of each ``BasicBlock`` of the backbone (CSPResNet) and of the neck
+    (CustomCSPPAN). ``identity`` and ``avg_pool`` add the QARepVGG branches PP-YOLOE's blocks do not have.
+    """
+    rep_block: str = "repvgg"
+    identity: bool = False
+    avg_pool: bool = False
+
+    @property
+    def changes_model(self) -> bool:
+        return self.rep_block != "repvgg"
+
+
+def rep_block_switch(config: DetectionConfig) -> RepBlockSwitch:
+    """The config's ``ppfuse: {rep_block: ..., identity: ..., avg_pool: ...}``, validated.
+
+    Raises:
+        ConfigError: ``ppfuse`` not a mapping, an unknown key or block name, a non-boolean option, or an
+            option the chosen block does not have.
+    """
+    raw = config.get("ppfuse")
+    if raw is None:
+        return RepBlockSwitch()
+    example = "e.g. ppfuse: {rep_block: qarepvgg}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config.path}: 'ppfuse' is {raw!r}; it is a mapping ({example})")
+    fields = [f.name for f in RepBlockSwitch.__dataclass_fields__.values()]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{config.path}: ppfuse.{unknown[0]} is not a ppfuse key; known: {', '.join(fields)}")
+    switch = RepBlockSwitch(**raw)
+    if switch.rep_block not in REP_BLOCKS:
+        raise ConfigError(f"{config.path}: ppfuse.rep_block is {switch.rep_block!r}; use one of "
+                          f"{', '.join(REP_BLOCKS)}")
+    for option in ("identity", "avg_pool"):
+        value = getattr(switch, option)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{config.path}: ppfuse.{option} is {value!r}; use true or false")
+        if value and not switch.changes_model:
+            raise ConfigError(f"{config.path}: ppfuse.{option} is a branch of QARepVggBlock; it needs "
+                              "ppfuse.rep_block: qarepvgg")
+    return switch
+
+
+def swap_rep_blocks(model: nn.Layer, switch: RepBlockSwitch, where: str = "") -> int:
+    """Put the block ``switch`` asks for in place of every ppdet ``RepVggBlock`` of ``model``; returns how many.
+
+    A new block has the replaced one's channels, activation and alpha (PP-YOLOE+: ``use_alpha``) and fresh
+    initial weights, as ppdet's would have: this is for training, not for converting trained weights. The
+    parameter names stay under the same parent (``...blocks.0.conv2.conv1.conv.weight``, ``...conv2.bn.*``).
+
+    Raises:
+        ConfigError: the switch asks for a block but ``model`` has no ppdet ``RepVggBlock`` in training form.
+    """
+    if not switch.changes_model:
+        return 0
+    from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
+
+    from .blocks import QARepVggBlock
+    replaced: Dict[int, nn.Layer] = {}  # a block held by two parents is replaced by one block
+    for parent in [model] + model.sublayers():
+        for name, block in list(parent._sub_layers.items()):
+            if not isinstance(block, PPDetRepVggBlock) or hasattr(block, "conv"):
+                continue
+            if id(block) not in replaced:
+                replaced[id(block)] = QARepVggBlock(block.ch_in, block.ch_out, act=block.act,
+                                                    alpha=block.alpha is not None, identity=switch.identity,
+                                                    avg_pool=switch.avg_pool)
+            setattr(parent, name, replaced[id(block)])
+    if not replaced:
+        raise ConfigError(f"{where or type(model).__name__}: ppfuse.rep_block: {switch.rep_block} replaces "
+                          f"ppdet's RepVggBlock, and {type(model).__name__} has none in training form "
+                          "(PP-YOLOE and PP-YOLOE+ have them in CSPResNet and CustomCSPPAN)")
+    return len(replaced)
 
 
 class DetectorForInference(nn.Layer):

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 
-from .detection import DetectionConfig, build_model
+from .detection import DetectionConfig, build_model, create_training_model, rep_block_switch
 from .errors import ConfigError, InferenceError, PPFuseError
 from .inference import Detector, PredictorOptions, read_image, run
 
@@ -257,14 +257,17 @@ def train(config: DetectionConfig, save_dir: str, epochs: Optional[int] = None, 
     else:
         paddle.set_device("cpu")
     seed_everything(seed)
+    if rep_block_switch(config).changes_model:  # ppdet's Trainer would build ppdet's own RepVggBlock
+        cfg["model"] = create_training_model(config)
     with _quiet_stdout():
         trainer = Trainer(cfg, mode="train")
     if len(trainer.loader) < 1:
         raise ConfigError(f"{config.path}: TrainReader.batch_size {cfg.TrainReader['batch_size']} is more than "
                           f"the {len(trainer.dataset)} training images (drop_last); use more images or a "
                           "smaller batch")
-    if pretrain:
-        trainer.load_weights(pretrain)
+    if pretrain:  # what Trainer.load_weights does, which skips a model handed to the Trainer
+        from ppdet.utils.checkpoint import load_pretrain_weight
+        load_pretrain_weight(trainer.model, pretrain)
     trainer.model.register_forward_pre_hook(cast_gt_class_to_int64)
     start = time.perf_counter()
     trainer.register_callbacks([_progress_callback(trainer, log, start)])
