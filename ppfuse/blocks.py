@@ -274,17 +274,6 @@ class RepVggBlock(OneConvBlock):
                                   where or self.full_name())
 
 
-def fold_bn_after(kernel_bias: kernels.KernelBias, bn: nn.Layer, where: str) -> kernels.KernelBias:
-    """``bn(conv(x))`` as one conv, for a conv given by its kernel and bias (e.g. the merge of a block's
-    branches): the BatchNorm's statistics are validated and folded with :func:`ppfuse.kernels.fold_bn`."""
-    stats = layers.batch_norm_stats(bn, where, probe=False)
-    kernel, bias = kernel_bias
-    folded = layers.checked_kernel(kernels.fold_bn(kernel, bias, stats.running_mean, stats.running_var,
-                                                   stats.gamma, stats.beta, stats.epsilon), where)
-    layers.check_running_statistics(bn, where)
-    return folded
-
-
 def _no_decay() -> ParamAttr:
     # ppdet's convention (ConvBNLayer): BatchNorm weight and bias are exempt from the optimizer's L2 regularizer
     return ParamAttr(regularizer=L2Decay(0.0))
@@ -403,4 +392,4 @@ class QARepVggBlock(OneConvBlock):
             branches.append((kernels.avg_pool_kernel(channels, size, dtype=dtype), None))
             scales.append(None)
         merged = layers.checked_kernel(self._merge_branches(branches, scales), where)
-        return fold_bn_after(merged, self.bn, f"{where}.bn")
+        return layers.fold_into(merged, self.bn, f"{where}.bn")

@@ -194,38 +194,43 @@ def checked_kernel(kernel_bias: kernels.KernelBias, where: str) -> kernels.Kerne
     return kernel_bias
 
 
-def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[str] = None) -> kernels.KernelBias:
-    """Kernel and bias of ``bn(conv(x))`` as one conv (after checking both layers compute what they say).
-
-    ``where`` names the BatchNorm, ``conv_where`` the conv (default: ``where``)."""
+def fold_into(kernel_bias: kernels.KernelBias, bn: nn.Layer, where: str, transposed: bool = False,
+              groups: int = 1) -> kernels.KernelBias:
+    """``bn`` applied after a conv given by its kernel and bias, as one conv: the BatchNorm is validated
+    (:func:`batch_norm_stats`), folded by :func:`ppfuse.kernels.fold_bn`, the result checked finite in its
+    dtype, and the BatchNorm asked whether it really normalizes with its running statistics."""
     stats = batch_norm_stats(bn, where, probe=False)
-    check_conv(conv, conv_where or where)
-    if channel_last(conv) != channel_last(bn):
-        raise Unconvertible(f"{_where(where, bn)}: data format {getattr(bn, '_data_format', None) or bn._data_layout} "
-                            f"differs from its conv's {conv._data_format}: it normalizes another axis than the "
-                            "conv's channels; left unfolded")
-    out_channels = conv._out_channels
-    if stats.running_mean.shape[0] != out_channels:
-        raise Unconvertible(f"{_where(where, bn)}: BatchNorm has {stats.running_mean.shape[0]} channels "
-                            f"but the conv before it gives {out_channels}; left unfolded")
-    kernel, bias = conv_kernel_bias(conv)
+    kernel, bias = kernel_bias
     folded = checked_kernel(kernels.fold_bn(kernel, bias, stats.running_mean, stats.running_var, stats.gamma,
-                                            stats.beta, stats.epsilon,
-                                            transposed=isinstance(conv, TRANSPOSED_CONVS), groups=conv._groups),
+                                            stats.beta, stats.epsilon, transposed=transposed, groups=groups),
                             where)
     check_running_statistics(bn, where)
     return folded
 
 
+def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[str] = None) -> kernels.KernelBias:
+    """Kernel and bias of ``bn(conv(x))`` as one conv (after checking both layers compute what they say).
+
+    ``where`` names the BatchNorm, ``conv_where`` the conv (default: ``where``)."""
+    batch_norm_stats(bn, where, probe=False)
+    check_conv(conv, conv_where or where)
+    if channel_last(conv) != channel_last(bn):
+        raise Unconvertible(f"{_where(where, bn)}: data format {getattr(bn, '_data_format', None) or bn._data_layout} "
+                            f"differs from its conv's {conv._data_format}: it normalizes another axis than the "
+                            "conv's channels; left unfolded")
+    if bn._mean.shape[0] != conv._out_channels:
+        raise Unconvertible(f"{_where(where, bn)}: BatchNorm has {bn._mean.shape[0]} channels "
+                            f"but the conv before it gives {conv._out_channels}; left unfolded")
+    return fold_into(conv_kernel_bias(conv), bn, where, transposed=isinstance(conv, TRANSPOSED_CONVS),
+                     groups=conv._groups)
+
+
 def bn_as_kernel(bn: nn.Layer, where: str, groups: int = 1, kernel_size=1, ndim: int = 2) -> kernels.KernelBias:
     """Kernel and bias of a bare BatchNorm (an identity branch) as one conv."""
     stats = batch_norm_stats(bn, where, probe=False)
-    channels = stats.running_mean.shape[0]
-    identity = kernels.identity_kernel(channels, groups, kernel_size, ndim, dtype=stats.running_mean.dtype)
-    folded = checked_kernel(kernels.fold_bn(identity, None, stats.running_mean, stats.running_var, stats.gamma,
-                                            stats.beta, stats.epsilon), where)
-    check_running_statistics(bn, where)
-    return folded
+    identity = kernels.identity_kernel(stats.running_mean.shape[0], groups, kernel_size, ndim,
+                                       dtype=stats.running_mean.dtype)
+    return fold_into((identity, None), bn, where)
 
 
 def channel_scale(alpha: paddle.Tensor, channels: int, where: str) -> paddle.Tensor:
