@@ -23,5 +23,8 @@ setup(
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
         "onnx": ["paddle2onnx==2.1.0", "onnx==1.17.0", "onnxruntime", "onnxoptimizer"],
+        # OpenVINO runs the export's model.onnx (write it with --onnx, which needs the onnx extra too);
+        # 2026.4.1 installs beside numpy 1.23.5 and Paddle 3.3.1 (whose own libopenvino 2025.0 does not clash)
+        "openvino": ["openvino==2026.4.1"],
     },
 )

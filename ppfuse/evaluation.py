@@ -10,9 +10,9 @@ something (PP-YOLOE+ trained for minutes on the generated shapes dataset of
   downloaded) and returns the final checkpoint;
 * :func:`evaluate_training_form` runs the training-form dygraph model over
   ppdet's ``EvalReader`` into ppdet's ``COCOMetric``;
-* :func:`evaluate_exported` runs an export through Paddle Inference
-  (:class:`ppfuse.inference.Detector`, preprocessing from its
-  ``infer_cfg.yml``) over the same images into the same ``COCOMetric``;
+* :func:`evaluate_exported` runs an export through a runtime (Paddle
+  Inference, ONNX Runtime or OpenVINO, fp32 or bf16: :class:`ppfuse.inference.Detector`,
+  preprocessing from its ``infer_cfg.yml``) over the same images into the same ``COCOMetric``;
 * :func:`parity_table` puts the numbers side by side.
 
 Both forms are scored by the same code (``COCOMetric`` -> ``cocoapi_eval``
@@ -36,7 +36,7 @@ import paddle
 
 from .detection import DetectionConfig, build_model, create_training_model, rep_block_switch
 from .errors import ConfigError, InferenceError, PPFuseError
-from .inference import Detector, PredictorOptions, read_image, run
+from .inference import Detector, PredictorOptions, read_image
 
 # the 12 numbers of pycocotools' COCOeval.summarize(), in its order
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -356,41 +356,41 @@ def evaluate_training_form(config: DetectionConfig, weights: str, output_eval: s
     return _accumulate(metric, "training form (ppdet dygraph)", images, seconds, "paddle dygraph, ppdet EvalReader")
 
 
-def _check_repeatable(model_dir: str, predictor, inputs: Dict[str, np.ndarray], settings: str) -> None:
-    """Run the same input twice; a predictor whose second run differs from its first cannot be scored."""
-    first = [o.copy() for o in run(predictor, inputs)]
-    second = run(predictor, inputs)
+def _check_repeatable(model_dir: str, call, settings: str) -> None:
+    """Run the same input twice; a runtime whose second run differs from its first cannot be scored."""
+    first = [o.copy() for o in call()]
+    second = call()
     same = len(first) == len(second) and all(
         a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(first, second))
     if not same:
         nan = any(np.isnan(o).any() for o in second if o.dtype.kind == "f")
-        raise InferenceError(f"{model_dir}: Paddle Inference ({settings}) gives different outputs when the same "
+        raise InferenceError(f"{model_dir}: {settings} gives different outputs when the same "
                              f"image is run twice{' (NaN on the second run)' if nan else ''}; its detections "
                              "cannot be scored. Keep every pass (Paddle 3.3.1 with oneDNN goes wrong after the "
                              "first run when constant_folding_pass is deleted) or use --onednn off")
 
 
 def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str,
-                      options: Optional[PredictorOptions] = None, log: Log = print) -> CocoResult:
-    """COCO bbox mAP of an export run through Paddle Inference on every image of a COCO split.
+                      options: Optional[PredictorOptions] = None, log: Log = print,
+                      runtime: str = "paddle") -> CocoResult:
+    """COCO bbox mAP of an export run through a runtime on every image of a COCO split.
 
     Images are read and preprocessed as ``infer_cfg.yml`` says (for the shapes
     config: Resize 320 keep_ratio False interp 2, /255 -- the EvalReader's
     transforms); detections go into the same ``COCOMetric`` as the training
-    form's. ``options``: a :class:`ppfuse.inference.PredictorOptions`, default
-    ppfuse's CPU settings on one thread. The predictor is first checked to
-    give the same outputs when run twice on one image.
+    form's. ``runtime``: ``paddle``, ``onnxruntime`` or ``openvino`` (the last two
+    read ``model.onnx``); ``options``: a :class:`ppfuse.inference.PredictorOptions`
+    (precision fp32 or bf16 among them), default ppfuse's CPU settings on one
+    thread. The runtime is first checked to give the same outputs when run twice
+    on one image, and the precision it ran is read back into the settings.
 
     Raises:
-        InferenceError: no images, an export without NMS, or a predictor whose
-            repeated runs differ.
+        InferenceError: no images, an export without NMS, a runtime whose
+            repeated runs differ, or options the runtime or CPU cannot run.
     """
     options = options or PredictorOptions(cpu_threads=1)
-    detector = Detector(model_dir, options)
-    deleted = list(options.delete_passes)
-    settings = (f"oneDNN {'on' if options.onednn else 'off'}, "
-                f"{'passes deleted: ' + ', '.join(deleted) if deleted else 'all passes'}, "
-                f"{options.cpu_threads} thread(s)")
+    detector = Detector(model_dir, options, runtime)
+    settings = f"{detector.runtime.settings()}, {options.cpu_threads} thread(s)"
     with open(split.annotations) as f:
         images = sorted(json.load(f)["images"], key=lambda im: im["id"])
     if not images:
@@ -399,19 +399,23 @@ def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str,
     def path(image: dict) -> str:
         return os.path.join(split.images, image["file_name"])
 
-    _check_repeatable(model_dir, detector.predictor, detector.preprocess(read_image(path(images[0]))), settings)
+    first = read_image(path(images[0]))
+    _check_repeatable(model_dir, lambda: detector.run(first), settings)
+    precision = detector.runtime.confirm_precision(detector.preprocess(first))
+    settings += f"; {precision.ran} ran ({precision.detail})"
     metric = _coco_metric(split.annotations, output_eval)
     start = time.perf_counter()
     for image in images:
-        outputs = run(detector.predictor, detector.preprocess(read_image(path(image))))
+        outputs = detector.run(read_image(path(image)))
         if len(outputs) != 2:
             raise InferenceError(f"{model_dir}: expected (bbox, bbox_num) outputs, got {len(outputs)}; export "
                                  "with NMS (no --no_nms) to evaluate")
         bbox, bbox_num = outputs
         metric.update({"im_id": np.array([[image["id"]]], "int64")}, {"bbox": bbox, "bbox_num": bbox_num})
     seconds = time.perf_counter() - start
-    log(f"ppfuse export (Paddle Inference, {settings}): {len(images)} images in {seconds:.1f} s")
-    return _accumulate(metric, "ppfuse export (Paddle Inference)", len(images), seconds, settings)
+    form = f"ppfuse export, {detector.runtime.title} {precision.ran}"
+    log(f"{form} ({settings}): {len(images)} images in {seconds:.1f} s")
+    return _accumulate(metric, form, len(images), seconds, settings)
 
 
 # --- report -----------------------------------------------------------------------------------------------------

@@ -39,11 +39,10 @@ from . import checkpoint, layers
 from .detection import (BuiltModel, DetectionConfig, DetectorForInference, build_model,  # noqa: F401
                         detector_input_spec, raw_outputs_float64, sample_inputs)
 from .errors import ConfigError, ExportError, VerificationError
+from .export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, ONNX_FILE, REPORT_FILE,  # noqa: F401
+                            program_file, require_paddle_3)
 from .verify import VerificationResult, judge
 
-MODEL_FILE = "model"
-DEPLOY_CHECKPOINT = "model_deploy.pdparams"
-REPORT_FILE = "ppfuse_report.json"
 COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "add_tensors", "if", "nearest_interp",
                "multiclass_nms3")
 
@@ -52,26 +51,6 @@ COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "add_tensors",
 # that far from a float64 evaluation, so tighter would reject exact conversions.
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
-
-
-MIN_PADDLE = 3
-
-
-def require_paddle_3(error: type = ExportError) -> None:
-    """Raise ``error`` (one line) on a Paddle older than 3.0.
-
-    ppfuse traces with ``to_static(full_graph=True)`` and writes and reads PIR
-    programs (``model.json``); Paddle 2.x has neither (``paddlepaddle-gpu`` 2.6.2,
-    the newest GPU wheel on PyPI, is one). ``0.0.0`` is a develop build: accepted.
-    """
-    version = paddle.__version__
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        return  # a build naming itself otherwise: let Paddle speak for itself
-    if 0 < major < MIN_PADDLE:
-        raise error(f"ppfuse needs Paddle >= {MIN_PADDLE}.0, found {version}; install PaddlePaddle 3.x "
-                    "(GPU builds: from paddlepaddle.org.cn's install page, not PyPI's paddlepaddle-gpu 2.6)")
 
 
 def nearest_upsample(x, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
@@ -222,15 +201,6 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
         paddle.jit.save(static, path_prefix)
 
 
-def program_file(model_dir: str) -> str:
-    for name in (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel"):
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            return path
-    raise ExportError(f"{model_dir}: no {MODEL_FILE}.json or {MODEL_FILE}.pdmodel; is this an exported model "
-                      "directory?")
-
-
 def count_ops(model_dir: str) -> Dict[str, int]:
     """Op counts of a saved PIR program (``model.json``), ops inside ``if``/loop regions included.
 
@@ -334,7 +304,7 @@ def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: boo
     from . import onnx_support
     staging = os.path.join(directory, ".onnx_source")
     save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms, topk_before_nms=True)
-    path = onnx_support.to_onnx(staging, os.path.join(directory, onnx_support.ONNX_FILE))
+    path = onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
     shutil.rmtree(staging)
     nodes = onnx_support.node_counts(path)
     if nodes.get("BatchNormalization", 0) or nodes.get("If", 0):
@@ -434,7 +404,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     start = time.perf_counter()
     with atomic_directory(target) as tmp:
         save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms, conv_bias=conv_bias)
-        _infer_cfg(config, os.path.join(tmp, "infer_cfg.yml"), size, built.model)
+        _infer_cfg(config, os.path.join(tmp, INFER_CFG), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
         onnx_report = _export_onnx(built.model, tmp, size, with_nms, log) if onnx else None

@@ -1,130 +1,31 @@
-"""Paddle Inference for exported detectors: predictor settings, preprocessing, detections.
+"""Exported detectors on images: preprocessing from ``infer_cfg.yml``, detections, drawing.
 
-Default settings on CPU are the fastest measured to give the same detections
-on every run: oneDNN on with all of Paddle Inference's passes (oneDNN off was
-3-4x slower on PP-YOLOE+ s and l). ``PredictorOptions`` lets a user change each of
-them.
-
-Not a default, though once measured as a lever: oneDNN with
-``constant_folding_pass`` deleted. On Paddle 3.3.1 a predictor built so runs a
-conv with bias followed by an activation right the first time and wrong on
-every later run (NaN boxes and scores on PP-YOLOE, so no detections); its
-apparent speed-up came from NMS having nothing left to do. Deleting that pass
-with oneDNN on is allowed but warned about.
+The runtime that runs the network (Paddle Inference by default, ONNX Runtime,
+OpenVINO) comes from :mod:`ppfuse.runtime`; this module turns images into its
+inputs and its ``(bbox, bbox_num)`` into :class:`Detections`. The Paddle
+Inference names of earlier versions (``PredictorOptions``,
+``create_predictor``, ``run``, ``check_device``) are kept here.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import paddle
 import yaml
 
+from . import runtime as runtimes
 from .errors import InferenceError
-from .export import MODEL_FILE, REPORT_FILE, program_file, require_paddle_3
+from .export_format import INFER_CFG, read_report
+from .runtime.base import RuntimeOptions
+from .runtime.paddle_inference import (UNSAFE_TO_DELETE_WITH_ONEDNN, check_device,  # noqa: F401
+                                       create_predictor, run_predictor as run)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-
-@dataclass
-class PredictorOptions:
-    """How to run: ``device`` cpu|gpu, ``precision`` fp32|fp16, TensorRT, CPU threads, oneDNN, passes."""
-    device: str = "cpu"
-    precision: str = "fp32"
-    tensorrt: bool = False
-    cpu_threads: int = 2
-    onednn: bool = True
-    delete_passes: Sequence[str] = ()
-    gpu_memory_mb: int = 500
-    gpu_id: int = 0
-
-
-def export_report(model_dir: str) -> dict:
-    """The ``ppfuse_report.json`` of an export, or ``{}`` for a directory ppfuse did not write."""
-    path = os.path.join(model_dir, REPORT_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-# passes that, deleted with oneDNN on, make Paddle 3.3.1 give wrong outputs after the first run
-UNSAFE_TO_DELETE_WITH_ONEDNN = ("constant_folding_pass",)
-
-
-def check_device(options: PredictorOptions) -> None:
-    """Raise one clear :class:`InferenceError` for a device/precision this build cannot run."""
-    if options.device not in ("cpu", "gpu"):
-        raise InferenceError(f"--device {options.device}: use cpu or gpu")
-    if options.precision not in ("fp32", "fp16"):
-        raise InferenceError(f"--precision {options.precision}: use fp32 or fp16")
-    if options.device == "gpu":
-        if not paddle.is_compiled_with_cuda():
-            raise InferenceError(f"--device gpu: this Paddle {paddle.__version__} build has no CUDA support; "
-                                 "install a PaddlePaddle 3.x GPU build (README, GPU), or use --device cpu")
-        if paddle.device.cuda.device_count() == 0:
-            raise InferenceError("--device gpu: Paddle has CUDA support but sees no GPU; use --device cpu")
-    elif options.precision == "fp16":
-        raise InferenceError("--precision fp16 runs on GPU only; use --device gpu, or fp32 on CPU")
-    elif options.tensorrt:
-        raise InferenceError("--tensorrt needs --device gpu")
-
-
-def create_predictor(model_dir: str, options: Optional[PredictorOptions] = None):
-    """A Paddle Inference predictor for an exported directory."""
-    options = options or PredictorOptions()
-    require_paddle_3(InferenceError)
-    check_device(options)
-    if options.precision == "fp16":
-        overflow = export_report(model_dir).get("fp16_overflow") or {}
-        if overflow:
-            name = next(iter(overflow))
-            print(f"WARNING: {len(overflow)} weights of {model_dir} exceed the float16 range (first {name}, "
-                  f"|w| up to {max(overflow.values()):.3g}); fp16 results will contain Inf/NaN -- use fp32",
-                  file=sys.stderr)
-    program = program_file(model_dir)
-    params = os.path.join(model_dir, MODEL_FILE + ".pdiparams")
-    if not os.path.exists(params):
-        raise InferenceError(f"{model_dir}: {MODEL_FILE}.pdiparams is missing; export the model again")
-    config = paddle.inference.Config(program, params)
-    if options.device == "gpu":
-        config.enable_use_gpu(options.gpu_memory_mb, options.gpu_id)
-        precision = (paddle.inference.PrecisionType.Half if options.precision == "fp16"
-                     else paddle.inference.PrecisionType.Float32)
-        if options.tensorrt:
-            config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
-                                          precision_mode=precision, use_static=False, use_calib_mode=False)
-        elif options.precision == "fp16":
-            config.enable_use_gpu(options.gpu_memory_mb, options.gpu_id, precision)
-    else:
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(options.cpu_threads)
-        if options.onednn:
-            config.enable_onednn()
-        else:
-            config.disable_onednn()
-    for name in options.delete_passes:
-        if options.device == "cpu" and options.onednn and name in UNSAFE_TO_DELETE_WITH_ONEDNN:
-            print(f"WARNING: deleting {name} with oneDNN on: Paddle {paddle.__version__} then gives wrong "
-                  "outputs (NaN) from the second run on for a conv with bias and an activation; "
-                  "check repeated runs before relying on it", file=sys.stderr)
-        config.delete_pass(name)
-    config.disable_glog_info()
-    return paddle.inference.create_predictor(config)
-
-
-def run(predictor, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    """Feed inputs by name, run, return every output as an array."""
-    for name in predictor.get_input_names():
-        if name not in inputs:
-            raise InferenceError(f"the model needs input '{name}', given {sorted(inputs)}")
-        predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(inputs[name]))
-    predictor.run()
-    return [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]
+PredictorOptions = RuntimeOptions  # the name of earlier versions
+export_report = read_report
 
 
 @dataclass
@@ -140,9 +41,9 @@ class Preprocess:
 
     @classmethod
     def from_infer_cfg(cls, model_dir: str) -> "Preprocess":
-        path = os.path.join(model_dir, "infer_cfg.yml")
+        path = os.path.join(model_dir, INFER_CFG)
         if not os.path.exists(path):
-            raise InferenceError(f"{model_dir}: infer_cfg.yml is missing; export the model again")
+            raise InferenceError(f"{model_dir}: {INFER_CFG} is missing; export the model again")
         with open(path) as f:
             cfg = yaml.safe_load(f)
         kwargs = {}
@@ -235,30 +136,34 @@ def split_detections(bbox: np.ndarray, bbox_num: np.ndarray, labels: Sequence[st
 
 
 class Detector:
-    """An exported directory, ready to run on images.
+    """An exported directory in one runtime (:mod:`ppfuse.runtime`), ready to run on images.
 
     ``random_weights`` is true for an export of random weights (its report says
     so): its detections are meaningless.
     """
 
-    def __init__(self, model_dir: str, options: Optional[PredictorOptions] = None):
+    def __init__(self, model_dir: str, options: Optional[RuntimeOptions] = None, runtime: str = "paddle"):
         self.model_dir = model_dir
-        self.options = options or PredictorOptions()
-        self.predictor = create_predictor(model_dir, self.options)
+        self.options = options or RuntimeOptions()
+        self.runtime = runtimes.load(model_dir, runtime, self.options)
         self.preprocess = Preprocess.from_infer_cfg(model_dir)
-        with open(os.path.join(model_dir, "infer_cfg.yml")) as f:
+        with open(os.path.join(model_dir, INFER_CFG)) as f:
             cfg = yaml.safe_load(f)
         self.labels = cfg.get("label_list", [])
         self.draw_threshold = float(cfg.get("draw_threshold", 0.5))
-        report = export_report(model_dir)
+        report = read_report(model_dir)
         # exports before "random_weights" existed say it by weights_form
         self.random_weights = bool(report.get("random_weights", report.get("weights_form") == "random"))
 
+    def run(self, image_bgr: np.ndarray) -> List[np.ndarray]:
+        """The runtime's outputs for one image, in order."""
+        return list(self.runtime.run(self.preprocess(image_bgr)).values())
+
     def predict(self, image_bgr: np.ndarray) -> Detections:
-        outputs = run(self.predictor, self.preprocess(image_bgr))
-        if len(outputs) != 2:
-            raise InferenceError(f"{self.model_dir}: expected (bbox, bbox_num) outputs, got {len(outputs)}; "
-                                 "export with NMS to run on images")
+        outputs = self.run(image_bgr)
+        if len(outputs) != 2 or read_report(self.model_dir).get("with_nms") is False:
+            raise InferenceError(f"{self.model_dir}: expected (bbox, bbox_num) outputs; export with NMS (no "
+                                 "--no_nms) to run on images")
         return split_detections(outputs[0], outputs[1], self.labels)[0]
 
 

@@ -20,9 +20,13 @@ import paddle
 
 from . import kernels
 from .errors import ExportError
+from .export_format import ONNX_FILE, PARAMS_FILE, program_file
+from .runtime.onnx_runtime import create_session
+from .runtime.paddle_inference import PaddleInference
 from .verify import VerificationResult, compare, compare_detections  # noqa: F401
 
-ONNX_FILE = "model.onnx"
+__all__ = ["ONNX_FILE", "to_onnx", "node_counts", "session", "run_onnx", "check_against_paddle",
+           "fold_batch_norms", "random_inputs", "verify_fold"]
 DEFAULT_OPSET = 13  # Max on int64 shapes (the exact upsample's expand) needs opset >= 12
 
 
@@ -36,9 +40,8 @@ def _require(module: str):
 def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
     """Convert ``model_dir``'s ``model.json``/``model.pdiparams`` to ``onnx_path`` with paddle2onnx."""
     paddle2onnx = _require("paddle2onnx")
-    from .export import MODEL_FILE, program_file
     program = program_file(model_dir)
-    params = os.path.join(model_dir, MODEL_FILE + ".pdiparams")
+    params = os.path.join(model_dir, PARAMS_FILE)
     try:
         # optimize_tool: paddle2onnx's default, polygraphy, runs with POLYGRAPHY_AUTOINSTALL_DEPS=1 and
         # pip-installs onnx_graphsurgeon at run time, which upgraded numpy to 2.x and broke cv2 here.
@@ -70,11 +73,9 @@ def node_counts(onnx_path: str) -> Dict[str, int]:
 
 
 def session(onnx_path: str, threads: int = 2):
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime CPU session (:func:`ppfuse.runtime.onnx_runtime.create_session`)."""
+    _require("onnxruntime")
+    return create_session(onnx_path, threads)
 
 
 def run_onnx(sess, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
@@ -88,8 +89,7 @@ def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.nd
 
     Raw exports (``--no_nms``) are compared output by output with ``box_atol``.
     """
-    from . import inference
-    paddle_out = inference.run(inference.create_predictor(model_dir), inputs)
+    paddle_out = list(PaddleInference(model_dir).run(inputs).values())
     onnx_out = run_onnx(session(onnx_path), inputs)
     if with_nms:
         return compare_detections(paddle_out, onnx_out, box_atol)

@@ -1,15 +1,17 @@
-"""Run an exported detector with Paddle Inference on an image or a folder of images.
+"""Run an exported detector on an image or a folder of images: Paddle Inference, ONNX Runtime or OpenVINO.
 
     python tools/infer.py --model_dir output_inference/ppyoloe_plus_crn_s_80e_coco \
-        --image_file demo.jpg [--device cpu|gpu] [--precision fp32|fp16] [--tensorrt] \
-        [--cpu_threads 2] [--onednn on|off] [--threshold 0.5] [--output_dir output]
+        --image_file demo.jpg [--runtime paddle|onnxruntime|openvino] [--precision fp32|bf16|fp16] \
+        [--device cpu|gpu] [--tensorrt] [--cpu_threads 2] [--onednn on|off] [--threshold 0.5] [--output_dir output]
 
 Prints the detections (class, score, box) of each image and writes an annotated
 copy and a JSON file per image to --output_dir. Boxes are clipped to the image
 and those left empty dropped, as PaddleDetection's post-processing does. An
 export of random weights (its ppfuse_report.json says so) gets one warning.
-Predictor settings default to the fastest measured ones that give the same
-detections (see README).
+Settings default to the fastest measured ones that give the same detections
+(see README). ONNX Runtime and OpenVINO run the export's model.onnx (export
+with --onnx). --precision bf16 (CPU: Paddle Inference's oneDNN, OpenVINO) needs
+a CPU with bf16 instructions; the precision that ran is read back and printed.
 """
 import json
 import os
@@ -29,8 +31,10 @@ def run(argv):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_file", help="one image")
     source.add_argument("--image_dir", help="a folder of images")
+    parser.add_argument("--runtime", default="paddle", help="paddle (Paddle Inference, default), onnxruntime "
+                        "or openvino (both run model.onnx: export with --onnx)")
     parser.add_argument("--device", default="cpu", help="cpu or gpu")
-    parser.add_argument("--precision", default="fp32", help="fp32 or fp16 (GPU only)")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 (CPU: paddle, openvino) or fp16 (GPU)")
     parser.add_argument("--tensorrt", action="store_true", help="run through TensorRT (GPU only)")
     parser.add_argument("--cpu_threads", type=int, default=2)
     parser.add_argument("--onednn", choices=["on", "off"], default="on", help="oneDNN on CPU (default on)")
@@ -48,7 +52,10 @@ def run(argv):
         onednn=args.onednn == "on", delete_passes=args.delete_pass)
     images = inference.list_images(args.image_file or args.image_dir)
     images = [inference.read_image(p) for p in images], images
-    detector = inference.Detector(args.model_dir, options)
+    detector = inference.Detector(args.model_dir, options, runtime=args.runtime)
+    if args.precision != "fp32" or args.runtime != "paddle":
+        print(f"{detector.runtime.settings()}: "
+              f"{detector.runtime.confirm_precision(detector.preprocess(images[0][0])).line()}")
     if detector.random_weights:
         print(f"WARNING: {args.model_dir} was exported with RANDOM weights (no -o weights=...): its detections "
               "are meaningless; export a trained checkpoint to detect anything", file=sys.stderr)

@@ -1,0 +1,80 @@
+"""What an export directory holds: its file names, its inputs and outputs, the Paddle it needs.
+
+The one place these facts live, so that the export that writes a directory,
+the runtimes that read it (:mod:`ppfuse.runtime`) and the ONNX tools agree
+without importing each other. Imports nothing of ppfuse but its errors.
+
+An export directory (``tools/export_deploy.py``)::
+
+    model.json, model.pdiparams   the inference program (PIR) and its weights
+    model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO
+    infer_cfg.yml                 PaddleDetection's deploy config (preprocessing, labels)
+    model_deploy.pdparams         the converted checkpoint
+    ppfuse_report.json            what was converted and verified, the program's forms
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Sequence
+
+from .errors import ExportError
+
+MODEL_FILE = "model"  # the prefix paddle.jit.save writes
+PROGRAM_FILES = (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel")  # PIR; the older format, still readable
+PARAMS_FILE = MODEL_FILE + ".pdiparams"
+ONNX_FILE = "model.onnx"
+INFER_CFG = "infer_cfg.yml"
+DEPLOY_CHECKPOINT = "model_deploy.pdparams"
+REPORT_FILE = "ppfuse_report.json"
+
+INPUT_NAMES = ("image", "scale_factor")
+NMS_OUTPUTS = ("bbox", "bbox_num")    # bbox [K, 6]: class, score, x1, y1, x2, y2; bbox_num [N]
+RAW_OUTPUTS = ("boxes", "scores")     # --no_nms: boxes [N, A, 4], scores [N, C, A]
+
+MIN_PADDLE = 3
+
+
+def require_paddle_3(error: type = ExportError) -> None:
+    """Raise ``error`` (one line) on a Paddle older than 3.0.
+
+    ppfuse traces with ``to_static(full_graph=True)`` and writes and reads PIR
+    programs (``model.json``); Paddle 2.x has neither (``paddlepaddle-gpu`` 2.6.2,
+    the newest GPU wheel on PyPI, is one). ``0.0.0`` is a develop build: accepted.
+    """
+    import paddle
+    version = paddle.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return  # a build naming itself otherwise: let Paddle speak for itself
+    if 0 < major < MIN_PADDLE:
+        raise error(f"ppfuse needs Paddle >= {MIN_PADDLE}.0, found {version}; install PaddlePaddle 3.x "
+                    "(GPU builds: from paddlepaddle.org.cn's install page, not PyPI's paddlepaddle-gpu 2.6)")
+
+
+def program_file(model_dir: str, error: type = ExportError) -> str:
+    """The program file of an export directory (``model.json``, else ``model.pdmodel``)."""
+    for name in PROGRAM_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            return path
+    raise error(f"{model_dir}: no {' or '.join(PROGRAM_FILES)}; is this an exported model directory?")
+
+
+def read_report(model_dir: str) -> dict:
+    """The ``ppfuse_report.json`` of an export, or ``{}`` for a directory ppfuse did not write."""
+    path = os.path.join(model_dir, REPORT_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def output_names(model_dir: str, own_names: Sequence[str]) -> List[str]:
+    """Names for a runtime's outputs: ppfuse's (``bbox``, ``bbox_num`` or ``boxes``, ``scores``) for an
+    export whose report says which, else the runtime's own (``fetch_name_0`` ...)."""
+    report = read_report(model_dir)
+    if "with_nms" in report and len(own_names) == 2:
+        return list(NMS_OUTPUTS if report["with_nms"] else RAW_OUTPUTS)
+    return list(own_names)

@@ -1,0 +1,161 @@
+"""The interface every runtime gives: load an export, run a batch, say which precision really ran.
+
+As ONNX Runtime's ``InferenceSession.run(outputs, feeds)`` and OpenVINO's
+``compiled_model(inputs)`` do for their users: named arrays in, named arrays
+out. Precision is an explicit choice (:class:`RuntimeOptions`) that each
+runtime confirms from what it executed (:meth:`Runtime.confirm_precision`),
+never a silent default.
+
+Also here: the CPU's bf16 support, read from ``/proc/cpuinfo`` (bf16 runs fast
+only with ``avx512_bf16`` or AMX; without them oneDNN emulates it slowly and
+OpenVINO silently runs f32, so ppfuse refuses bf16 there in one line).
+"""
+from __future__ import annotations
+
+import abc
+import platform
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InferenceError
+from ..export_format import output_names
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either runs bf16 natively; amx_tile is AMX's tile unit
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass
+class RuntimeOptions:
+    """How to run: ``device`` cpu|gpu, ``precision`` fp32|bf16 (CPU)|fp16 (GPU), CPU threads; Paddle
+    Inference's own settings (oneDNN, deleted passes, TensorRT, GPU memory) are ignored by the others."""
+    device: str = "cpu"
+    precision: str = "fp32"
+    tensorrt: bool = False
+    cpu_threads: int = 2
+    onednn: bool = True
+    delete_passes: Sequence[str] = ()
+    gpu_memory_mb: int = 500
+    gpu_id: int = 0
+
+
+@dataclass
+class PrecisionReport:
+    """What a runtime executed: ``ran`` is fp32, bf16, fp16 or mixed; ``detail`` says how we know."""
+    requested: str
+    ran: str
+    detail: str
+
+    def line(self) -> str:
+        return f"precision: {self.requested} requested, {self.ran} ran ({self.detail})"
+
+
+# --- the CPU ----------------------------------------------------------------------------------------------------
+
+
+def read_cpuinfo() -> str:
+    """The text of ``/proc/cpuinfo`` ('' where there is none); the tests replace this function."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _first_field(text: str, key: str) -> str:
+    for line in text.splitlines():
+        if line.split(":")[0].strip() == key:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_tile`` ...), from its first processor entry."""
+    return set(_first_field(read_cpuinfo(), "flags").split())
+
+
+def cpu_model() -> str:
+    return _first_field(read_cpuinfo(), "model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """One line: the CPU model and which of :data:`ISA_FLAGS` it has, e.g. for a benchmark's header."""
+    flags = cpu_flags()
+    isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ISA_FLAGS)
+    return f"{cpu_model()} ({isa})"
+
+
+def bf16_supported() -> bool:
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def require_bf16() -> None:
+    """Raise one clear line on a CPU without bf16 instructions."""
+    if not bf16_supported():
+        raise InferenceError(f"--precision bf16: this CPU ({cpu_model()}) has no bf16 instructions "
+                             f"({' or '.join(BF16_FLAGS)} in /proc/cpuinfo), where bf16 is slower than fp32 or "
+                             "silently runs as fp32; use --precision fp32")
+
+
+def check_options(options: RuntimeOptions, runtime: str) -> None:
+    """The checks every runtime shares: a known device and precision, fp16 on GPU, bf16 on a bf16 CPU."""
+    if options.device not in ("cpu", "gpu"):
+        raise InferenceError(f"--device {options.device}: use cpu or gpu")
+    if options.precision not in PRECISIONS:
+        raise InferenceError(f"--precision {options.precision}: use fp32, bf16 (CPU) or fp16 (GPU)")
+    if options.device == "cpu" and options.precision == "fp16":
+        raise InferenceError("--precision fp16 runs on GPU only; use --device gpu, or fp32 or bf16 on CPU")
+    if options.device == "gpu" and options.precision == "bf16":
+        raise InferenceError("--precision bf16 runs on CPU only here; use fp16 on GPU")
+    if options.device == "cpu" and options.tensorrt:
+        raise InferenceError("--tensorrt needs --device gpu")
+    if options.cpu_threads < 1:
+        raise InferenceError(f"--cpu_threads {options.cpu_threads}: use 1 or more")
+    if options.device == "cpu" and options.precision == "bf16":
+        require_bf16()
+
+
+# --- the interface ----------------------------------------------------------------------------------------------
+
+
+class Runtime(abc.ABC):
+    """An export loaded into one runtime.
+
+    Subclasses set ``input_names`` and ``output_names`` (ppfuse's names where
+    the export's report gives them) and implement :meth:`_run` and
+    :meth:`confirm_precision`.
+    """
+
+    name = "runtime"  # what --runtime calls it
+    title = "Runtime"  # how tables name it
+
+    def __init__(self, model_dir: str, options: RuntimeOptions):
+        self.model_dir = model_dir
+        self.options = options
+        self.input_names: List[str] = []
+        self.output_names: List[str] = []
+
+    def _name_outputs(self, own_names: Sequence[str]) -> None:
+        self.output_names = output_names(self.model_dir, own_names)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Run one batch: every input by name (extra names are ignored), every output by name, in order."""
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise InferenceError(f"the model needs input '{missing[0]}', given {sorted(inputs)}")
+        feeds = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        return dict(zip(self.output_names, self._run(feeds)))
+
+    @abc.abstractmethod
+    def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """The outputs of one run, in the runtime's order."""
+
+    @abc.abstractmethod
+    def confirm_precision(self, inputs: Mapping[str, np.ndarray]) -> PrecisionReport:
+        """Which precision the runtime executes, read back from the runtime (may run ``inputs`` once)."""
+
+    def settings(self) -> str:
+        """The settings in one phrase, e.g. for a table row."""
+        return f"{self.title}, {self.options.precision}, {self.options.cpu_threads} thread(s)"

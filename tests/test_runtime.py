@@ -1,0 +1,197 @@
+"""Runtimes behind one interface: Paddle Inference, ONNX Runtime, OpenVINO; fp32 and bf16 on CPU.
+
+Every runtime x precision is compared with Paddle Inference fp32 on the raw detector outputs (boxes
+before NMS, as a fraction of the input size, and scores) of PP-YOLOE+ s at 320 with random weights:
+
+* fp32: the export's tolerance, atol = rtol = 1e-4 (measured: <= 8e-6 for ONNX Runtime and OpenVINO);
+* bf16 (8-bit mantissa): mean absolute error <= 0.01 on boxes / input size and <= 0.005 on scores,
+  max <= 0.15 and 0.1 (measured for both bf16 runtimes: mean 0.0025 and 6e-4, max 0.068 and 0.041).
+  Random weights cannot say whether that drift matters; tools/accuracy_parity.py scores a trained model.
+
+bf16 cases run only on a CPU with bf16 instructions; the CPU check itself is tested with a replaced
+/proc/cpuinfo. ONNX Runtime and OpenVINO cases are skipped without their extras.
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from ppfuse import detection, export, runtime
+from ppfuse.errors import InferenceError
+from ppfuse.runtime import base
+from test_errors import INFER, expect_error, run_tool
+
+CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
+SIZE = 320
+FP32_TOLERANCE = 1e-4
+BF16_MEAN = {"boxes": 0.01, "scores": 0.005}
+BF16_MAX = {"boxes": 0.15, "scores": 0.1}
+# model.onnx is written (and checked against ONNX Runtime) with the [onnx] extra
+ONNX_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("paddle2onnx", "onnxruntime"))
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni {flags}
+
+processor\t: 1
+model name\t: {model}
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni {flags}
+"""
+
+
+def cpuinfo(monkeypatch, model, flags):
+    monkeypatch.setattr(base, "read_cpuinfo", lambda: CPUINFO.format(vendor="X", model=model, flags=flags))
+
+
+def cases():
+    for name, precision in (("paddle", "fp32"), ("paddle", "bf16"), ("onnxruntime", "fp32"),
+                            ("openvino", "fp32"), ("openvino", "bf16")):
+        marks = []
+        if name != "paddle" and not (ONNX_EXTRA and runtime.available(name)):
+            marks.append(pytest.mark.skip(reason=f"needs the extra of {name} (and [onnx] to write model.onnx)"))
+        if precision == "bf16" and not base.bf16_supported():
+            marks.append(pytest.mark.skip(reason="this CPU has no bf16 instructions"))
+        yield pytest.param(name, precision, marks=marks, id=f"{name}-{precision}")
+
+
+# --- the CPU check ----------------------------------------------------------------------------------------------
+
+
+def test_bf16_on_a_cpu_without_bf16_is_refused_in_one_line(monkeypatch):
+    cpuinfo(monkeypatch, "AMD EPYC 7B12", "")
+    assert not base.bf16_supported()
+    with pytest.raises(InferenceError, match=r"^--precision bf16: this CPU \(AMD EPYC 7B12\) has no bf16 "
+                                             r"instructions \(avx512_bf16 or amx_bf16 in /proc/cpuinfo\)"):
+        base.check_options(base.RuntimeOptions(precision="bf16"), "paddle")
+    base.check_options(base.RuntimeOptions(precision="fp32"), "paddle")  # fp32 is fine anywhere
+
+
+@pytest.mark.parametrize("flags", ["avx512_bf16", "amx_bf16 amx_tile", "avx512_bf16 amx_bf16 amx_tile amx_int8"])
+def test_bf16_instructions_are_found_in_cpuinfo(monkeypatch, flags):
+    cpuinfo(monkeypatch, "Some Xeon", flags)
+    assert base.bf16_supported()
+    base.check_options(base.RuntimeOptions(precision="bf16"), "openvino")
+    description = base.cpu_description()
+    assert description.startswith("Some Xeon (")
+    for flag in base.ISA_FLAGS:
+        assert f"{flag} {'yes' if flag in flags.split() or flag in ('avx2', 'avx512f', 'avx512_vnni') else 'no'}" \
+            in description
+
+
+def test_no_cpuinfo_means_no_bf16(monkeypatch):
+    monkeypatch.setattr(base, "read_cpuinfo", lambda: "")
+    assert base.cpu_flags() == set() and not base.bf16_supported()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(precision="fp16"), r"--precision fp16 runs on GPU only"),
+    (dict(precision="int8"), r"--precision int8: use fp32, bf16 \(CPU\) or fp16 \(GPU\)"),
+    (dict(device="gpu", precision="bf16"), r"--precision bf16 runs on CPU only here"),
+    (dict(cpu_threads=0), r"--cpu_threads 0: use 1 or more"),
+])
+def test_options_no_runtime_can_run_are_refused(options, message):
+    with pytest.raises(InferenceError, match=message):
+        base.check_options(base.RuntimeOptions(**options), "paddle")
+
+
+# --- runtimes on one export -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_export(tmp_path_factory):
+    """PP-YOLOE+ s 320, random weights, raw outputs (no NMS), with model.onnx when the extra is there."""
+    config = detection.load_config(CONFIG)
+    result = export.export(config, str(tmp_path_factory.mktemp("raw")), with_nms=False, onnx=ONNX_EXTRA,
+                           log=lambda *_: None)
+    image, scale = detection.sample_inputs([SIZE, SIZE], 1, 5)
+    inputs = {"image": image.numpy(), "scale_factor": scale.numpy()}
+    reference = runtime.load(result.directory, "paddle").run(inputs)
+    return result.directory, inputs, reference
+
+
+@pytest.mark.parametrize("name, precision", list(cases()))
+def test_every_runtime_gives_paddle_fp32_outputs(raw_export, name, precision):
+    directory, inputs, reference = raw_export
+    model = runtime.load(directory, name, runtime.RuntimeOptions(precision=precision))
+    assert model.input_names == ["image", "scale_factor"] and model.output_names == ["boxes", "scores"]
+    for _ in range(2):  # the second run too
+        outputs = model.run(inputs)
+    assert list(outputs) == ["boxes", "scores"]
+    errors = {"boxes": np.abs(outputs["boxes"] - reference["boxes"]) / SIZE,
+              "scores": np.abs(outputs["scores"] - reference["scores"])}
+    print(f"\n{name} {precision}: " + ", ".join(f"{k} max {v.max():.3g} mean {v.mean():.3g}" for k, v in errors.items()))
+    if precision == "fp32":
+        np.testing.assert_allclose(outputs["boxes"] / SIZE, reference["boxes"] / SIZE, atol=FP32_TOLERANCE,
+                                   rtol=FP32_TOLERANCE)
+        np.testing.assert_allclose(outputs["scores"], reference["scores"], atol=FP32_TOLERANCE, rtol=FP32_TOLERANCE)
+    else:
+        for key, error in errors.items():
+            assert error.mean() <= BF16_MEAN[key] and error.max() <= BF16_MAX[key], (key, error.mean(), error.max())
+        assert errors["scores"].max() > 0, "bf16 gave fp32's numbers exactly: bf16 did not run"
+
+
+@pytest.mark.parametrize("name, precision", list(cases()))
+def test_each_runtime_reports_the_precision_it_ran(raw_export, name, precision):
+    directory, inputs, _ = raw_export
+    model = runtime.load(directory, name, runtime.RuntimeOptions(precision=precision))
+    report = model.confirm_precision(inputs)
+    assert report.requested == precision and report.ran == precision, report.line()
+    if name != "onnxruntime":
+        assert f"86 of 86 convolutions {precision}" in report.detail, report.detail
+    if name == "openvino":
+        assert f"INFERENCE_PRECISION_HINT {precision}" in report.detail  # set explicitly, read back
+
+
+def test_the_interface_names_inputs_and_refuses_what_it_cannot_run(raw_export, tmp_path):
+    directory, inputs, _ = raw_export
+    model = runtime.load(directory)
+    with pytest.raises(InferenceError, match=r"the model needs input 'scale_factor'"):
+        model.run({"image": inputs["image"]})
+    with pytest.raises(InferenceError, match=r"--runtime tensorflow: use one of paddle, onnxruntime, openvino"):
+        runtime.load(directory, "tensorflow")
+    with pytest.raises(InferenceError, match=r"--runtime onnxruntime runs fp32 on CPU here"):
+        runtime.load(directory, "onnxruntime", runtime.RuntimeOptions(precision="bf16"))
+    with pytest.raises(InferenceError, match=r"--precision bf16 runs through oneDNN; drop --onednn off"):
+        runtime.load(directory, "paddle", runtime.RuntimeOptions(precision="bf16", onednn=False))
+    empty = tmp_path / "no_onnx"
+    empty.mkdir()
+    for name, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        if ONNX_EXTRA and runtime.available(name):
+            with pytest.raises(InferenceError, match=rf"no model.onnx; export with --onnx to run it in {title}"):
+                runtime.load(str(empty), name)
+
+
+# --- tools/infer.py ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nms_export(tmp_path_factory):
+    import cv2
+    tmp = tmp_path_factory.mktemp("nms")
+    result = export.export(detection.load_config(CONFIG), str(tmp), onnx=ONNX_EXTRA, log=lambda *_: None)
+    image = str(tmp / "image.jpg")
+    cv2.imwrite(image, np.random.RandomState(0).randint(0, 255, (240, 320, 3)).astype("uint8"))
+    return result.directory, image, tmp
+
+
+@pytest.mark.parametrize("name, precision", list(cases()))
+def test_infer_runs_in_every_runtime_and_says_what_ran(nms_export, name, precision, capsys):
+    directory, image, tmp = nms_export
+    out = str(tmp / f"out_{name}_{precision}")
+    code, stdout, err = run_tool(INFER, ["--model_dir", directory, "--image_file", image, "--runtime", name,
+                                         "--precision", precision, "--output_dir", out, "--print_max", "1"], capsys)
+    assert code == 0, err
+    assert "detections with score >=" in stdout and os.path.isfile(os.path.join(out, "image.json"))
+    if name != "paddle" or precision != "fp32":
+        assert f"{precision} requested, {precision} ran" in stdout, stdout
+
+
+def test_infer_bf16_on_a_cpu_without_bf16_is_one_line(nms_export, monkeypatch, capsys):
+    directory, image, tmp = nms_export
+    cpuinfo(monkeypatch, "AMD EPYC 7B12", "")
+    out = str(tmp / "refused")
+    expect_error(INFER, ["--model_dir", directory, "--image_file", image, "--precision", "bf16", "--output_dir", out],
+                 capsys, r"^error: --precision bf16: this CPU \(AMD EPYC 7B12\) has no bf16 instructions", out)
