@@ -10,11 +10,14 @@ images, alpha != 1), each exported by :func:`ppfuse.export.save_inference_model`
   Conv+BN folded. Its program is already the plain network (one conv with
   bias per block, no BatchNorm), so no separate "plain" variant is built.
 
-Runtimes: CPU with oneDNN and Paddle Inference's default passes, CPU without
-oneDNN, ONNX Runtime for the ppfuse export (with the optional packages), any
-extra "oneDNN minus these passes" rows asked for, and GPU rows only on a CUDA
-build with a device. Latency rounds are interleaved (A B C A B C ...) so
-machine drift hits every variant alike.
+Rows, each a runtime and precision of :mod:`ppfuse.runtime`: Paddle Inference
+with oneDNN and its default passes (fp32, and bf16 on a CPU with bf16
+instructions), any extra "oneDNN minus these passes" rows asked for, Paddle
+Inference without oneDNN, ONNX Runtime fp32 and OpenVINO fp32 and bf16 (on the
+variants' ``model.onnx``, with the optional packages), and GPU rows only on a
+CUDA build with a device. Rows that cannot run here are listed with the reason.
+Latency rounds are interleaved (A B C A B C ...) so machine drift hits every
+variant alike; every ratio is to the ppdet path measured in the same run.
 
 By default the exported programs end before NMS: NMS is the same in every
 variant, and with random weights it has thousands of candidate boxes a
@@ -23,13 +26,15 @@ so it would hide the part re-parameterization changes. ``with_nms=True``
 measures the whole detector.
 
 Parity is checked on the second run of each predictor and again on its last
-timed run, never only on the first: Paddle Inference 3.3.1 with oneDNN and
+timed run, never only on the first (bf16 cells against a looser, stated
+criterion, :data:`BF16_MEAN_ERROR`): Paddle Inference 3.3.1 with oneDNN and
 ``constant_folding_pass`` deleted is right on the first run of a conv with
 bias and an activation, and wrong (NaN on PP-YOLOE) on every later one.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import platform
 import subprocess
@@ -41,10 +46,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 
-from . import inference, layers
+from . import layers
+from . import runtime as runtimes
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
 from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model, verify_deployed
+from .export_format import MODEL_FILE, ONNX_FILE, PARAMS_FILE
 from .verify import compare_detections, judge
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
@@ -52,42 +59,57 @@ COUNTED = ("conv2d", "batch_norm", "add", "add_tensors", "if")
 
 
 @dataclass
-class Runtime:
+class Row:
+    """One runtime and precision of the table: ``runtime`` is a :data:`ppfuse.runtime.RUNTIMES` name."""
     name: str
-    options: inference.PredictorOptions
+    runtime: str
+    options: runtimes.RuntimeOptions
 
 
-BASE_RUNTIME = "CPU oneDNN, default passes"
+BASE_RUNTIME = "Paddle Inference oneDNN fp32"
 
 
-def cpu_runtimes(threads: int, extra_deleted: Sequence[Sequence[str]] = ()) -> List[Runtime]:
-    """oneDNN with every pass, oneDNN minus each given pass set, and no oneDNN."""
-    runtimes = [Runtime(BASE_RUNTIME, inference.PredictorOptions(cpu_threads=threads, delete_passes=[]))]
+def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print) -> List[Row]:
+    """Every CPU runtime x precision that can run here; a line for each one that cannot."""
+    options = lambda **kw: runtimes.RuntimeOptions(cpu_threads=threads, **kw)  # noqa: E731
+    rows = [Row(BASE_RUNTIME, "paddle", options())]
     for passes in extra_deleted:
-        runtimes.append(Runtime("CPU oneDNN, deleting " + " + ".join(passes), inference.PredictorOptions(
-            cpu_threads=threads, delete_passes=list(passes))))
-    runtimes.append(Runtime("CPU no oneDNN", inference.PredictorOptions(cpu_threads=threads, onednn=False,
-                                                                        delete_passes=[])))
-    return runtimes
+        rows.append(Row("Paddle Inference oneDNN fp32, deleting " + " + ".join(passes), "paddle",
+                        options(delete_passes=list(passes))))
+    bf16 = runtimes.bf16_supported()
+    if bf16:
+        rows.append(Row("Paddle Inference oneDNN bf16", "paddle", options(precision="bf16")))
+    rows.append(Row("Paddle Inference no oneDNN fp32", "paddle", options(onednn=False)))
+    for name, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        if not (onnx_available() and runtimes.available(name)):
+            log(f"not measured: {title} (needs the [onnx] extra to write model.onnx and the [{name}] extra)"
+                if name == "openvino" else f"not measured: {title} (needs the [onnx] extra)")
+            continue
+        for precision in runtimes.CPU_PRECISIONS[name]:
+            if precision == "bf16" and not bf16:
+                continue
+            rows.append(Row(f"{title} {precision}", name, options(precision=precision)))
+    if not bf16:
+        log(f"not measured: bf16 rows: this CPU ({runtimes.cpu_model()}) has no bf16 instructions")
+    return rows
 
 
-def gpu_runtimes() -> List[Runtime]:
+def gpu_rows() -> List[Row]:
     if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
         return []
-    return [Runtime("GPU fp32", inference.PredictorOptions(device="gpu")),
-            Runtime("GPU TensorRT fp16", inference.PredictorOptions(device="gpu", precision="fp16", tensorrt=True))]
+    return [Row("Paddle Inference GPU fp32", "paddle", runtimes.RuntimeOptions(device="gpu")),
+            Row("Paddle Inference GPU TensorRT fp16", "paddle",
+                runtimes.RuntimeOptions(device="gpu", precision="fp16", tensorrt=True))]
 
 
 def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-        import paddle2onnx  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    """Whether model.onnx can be written (paddle2onnx) and checked (onnxruntime)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("paddle2onnx", "onnxruntime"))
 
 
-ONNX_RUNTIME = "ONNX Runtime CPU"
+# bf16 (8-bit mantissa) is not exact: its cells are judged by mean absolute error, on boxes as a
+# fraction of the input size and on scores (measured on PP-YOLOE+ s 320, random weights: 0.0025 and 6e-4)
+BF16_MEAN_ERROR = {"boxes_over_size": 0.01, "scores": 0.005}
 
 
 @dataclass
@@ -194,16 +216,17 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
         try:
             # ppdet's own path keeps its ESE mean; every variant gets the exact upsample (without which none
             # runs under oneDNN)
-            save_inference_model(model, os.path.join(directory, "model"), size, with_nms=with_nms,
-                                 ese_pool=name == "ppfuse deploy")
+            ese_pool = name == "ppfuse deploy"
+            save_inference_model(model, os.path.join(directory, MODEL_FILE), size, with_nms=with_nms,
+                                 ese_pool=ese_pool)
             result.ops = count_ops(directory)
-            result.params_bytes = os.path.getsize(os.path.join(directory, "model.pdiparams"))
-            if name == "ppfuse deploy" and onnx_available():
+            result.params_bytes = os.path.getsize(os.path.join(directory, PARAMS_FILE))
+            if name != "train form" and onnx_available():  # the train form's `if` ops fail in every runtime
                 from . import onnx_support
                 staging = os.path.join(directory, "onnx_source")
-                save_inference_model(model, os.path.join(staging, "model"), size, with_nms,
-                                     topk_before_nms=with_nms)
-                onnx_support.to_onnx(staging, os.path.join(directory, onnx_support.ONNX_FILE))
+                save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms,
+                                     topk_before_nms=with_nms, ese_pool=ese_pool)
+                onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
         except Exception as exc:  # a variant that cannot be exported is a result, not a crash
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         log(f"exported {name}: {result.error or 'ok'}")
@@ -227,12 +250,17 @@ def reference_outputs(model, size: List[int], batch: int, with_nms: bool):
     return {"image": image.numpy(), "scale_factor": scale.numpy()}, Reference(outputs, exact)
 
 
-def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool):
+def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,
+           precision: str = "fp32"):
     """``(ok, description)``: detections (with NMS) or boxes and scores (without) against the reference.
 
     The export check's criterion: atol/rtol 1e-4 on scores and on boxes as fractions of the input
-    size, or, beyond it, no further from float64 than twice the training form's fp32 error.
+    size, or, beyond it, no further from float64 than twice the training form's fp32 error. bf16
+    outputs: mean absolute error within :data:`BF16_MEAN_ERROR` (NMS outputs of bf16 are not compared:
+    with random weights their ties reorder).
     """
+    if precision == "bf16":
+        return bf16_parity(reference, outputs, size, with_nms)
     if with_nms:
         return compare_detections(reference.outputs, outputs, DEFAULT_ATOL * max(size))
     if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
@@ -251,47 +279,57 @@ def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], wit
     return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
 
 
-def _check_twice(call, reference: Reference, size, with_nms) -> str:
+def bf16_parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool):
+    """``(ok, description)`` of a bf16 cell: mean and max absolute error, judged by :data:`BF16_MEAN_ERROR`."""
+    if with_nms:
+        return True, "bf16: detections not compared (random weights; see accuracy parity for mAP)"
+    if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
+        return False, f"different outputs ({[list(o.shape) for o in outputs]})"
+    expected, got = detector_outputs(*reference.outputs, size=size), detector_outputs(*outputs, size=size)
+    errors = {k: np.abs(got[k].astype(np.float64) - expected[k]) for k in expected}
+    extent = float(max(size))
+    text = (f"bf16 drift: box mean {errors['boxes_over_size'].mean() * extent:.2g} px (max "
+            f"{errors['boxes_over_size'].max() * extent:.2g}), score mean {errors['scores'].mean():.2g} (max "
+            f"{errors['scores'].max():.2g})")
+    ok = all(np.isfinite(errors[k]).all() and errors[k].mean() <= limit for k, limit in BF16_MEAN_ERROR.items())
+    return ok, text if ok else "differ: " + text
+
+
+def _check_twice(call, reference: Reference, size, with_nms, precision: str = "fp32") -> str:
     """Parity of the second run (a predictor can be right on its first run only), noting a right first run."""
     first = [o.copy() for o in call()]
     second = call()
-    ok, text = parity(reference, second, size, with_nms)
-    if not ok and parity(reference, first, size, with_nms)[0]:
+    ok, text = parity(reference, second, size, with_nms, precision)
+    if not ok and parity(reference, first, size, with_nms, precision)[0]:
         text += "; the first run was right"
     return text if ok else "FAILS: " + text
 
 
-def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_by_batch, references,
+def measure(variants: Dict[str, VariantResult], rows: List[Row], inputs_by_batch, references,
             runs: int, warmup: int, size: List[int], with_nms: bool, progress=None) -> List[Measurement]:
-    """Interleaved latency of every (variant, runtime) pair, per batch size; parity on repeated runs."""
+    """Interleaved latency of every (variant, row) pair, per batch size; parity on repeated runs."""
     results = []
     for batch, inputs in inputs_by_batch.items():
         cells = []
         for variant in variants.values():
-            for runtime in runtimes:
-                if runtime.name == ONNX_RUNTIME and variant.name != "ppfuse deploy":
+            for row in rows:
+                if row.runtime != "paddle" and variant.name == "train form":
                     continue
-                cell = Measurement(variant.name, runtime.name, batch)
+                cell = Measurement(variant.name, row.name, batch)
                 if variant.error:
                     cell.error = "not exported"
                 else:
                     try:
-                        if runtime.name == ONNX_RUNTIME:
-                            from . import onnx_support
-                            sess = onnx_support.session(os.path.join(variant.directory, onnx_support.ONNX_FILE),
-                                                        runtime.options.cpu_threads)
-                            call = (lambda sess=sess: onnx_support.run_onnx(sess, inputs))
-                        else:
-                            predictor = inference.create_predictor(variant.directory, runtime.options)
-                            call = (lambda predictor=predictor: inference.run(predictor, inputs))
-                        cell.parity = _check_twice(call, references[batch], size, with_nms)
-                        cells.append((cell, call))
+                        model = runtimes.load(variant.directory, row.runtime, row.options)
+                        call = (lambda model=model: list(model.run(inputs).values()))
+                        cell.parity = _check_twice(call, references[batch], size, with_nms, row.options.precision)
+                        cells.append((cell, call, row.options.precision))
                     except Exception as exc:
                         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
                 results.append(cell)
         last = {}
         for round_index in range(warmup + runs):
-            for index, (cell, call) in enumerate(cells):
+            for index, (cell, call, _) in enumerate(cells):
                 start = time.perf_counter()
                 last[index] = call()
                 elapsed = time.perf_counter() - start
@@ -299,8 +337,8 @@ def measure(variants: Dict[str, VariantResult], runtimes: List[Runtime], inputs_
                     cell.times.append(elapsed)
                 if progress:
                     progress()
-        for index, (cell, _) in enumerate(cells):  # still right after all the runs?
-            ok, text = parity(references[batch], last[index], size, with_nms)
+        for index, (cell, _, precision) in enumerate(cells):  # still right after all the runs?
+            ok, text = parity(references[batch], last[index], size, with_nms, precision)
             if not ok and not cell.parity.startswith("FAILS"):
                 cell.parity = f"FAILS on the last timed run: {text}"
         del cells, last
@@ -334,14 +372,12 @@ def export_memory(config_path: str, root: str, workdir: str) -> Dict[str, float]
 
 
 def machine_description(threads: int) -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":")[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return (f"{model or platform.processor()}, {os.cpu_count()} cores, {threads} threads; Python "
-            f"{platform.python_version()}, Paddle {paddle.__version__}")
+    """The CPU, its ISA flags (bf16, AMX), cores, threads and the versions of every runtime."""
+    versions = [f"Python {platform.python_version()}", f"Paddle {paddle.__version__}"]
+    for module, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        if importlib.util.find_spec(module) is not None:
+            versions.append(f"{title} {importlib.import_module(module).__version__.split('-')[0]}")
+    return (f"{runtimes.cpu_description()}, {os.cpu_count()} cores, {threads} threads; " + ", ".join(versions))
 
 
 @dataclass
@@ -353,6 +389,7 @@ class BenchmarkResult:
     memory: Dict[str, float]
     threads: int
     with_nms: bool = False
+    notes: List[str] = field(default_factory=list)  # rows that could not run here, and why
 
     def cell(self, variant: str, runtime: str, batch: int) -> Optional[Measurement]:
         return next((m for m in self.measurements
@@ -366,26 +403,29 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
     paddle.set_device("cpu")
     size = config.input_size()
     built, variants = export_variants(config, workdir, with_nms, log)
-    runtimes = cpu_runtimes(threads, extra_deleted) + gpu_runtimes()
-    if onnx_available():
-        runtimes.append(Runtime(ONNX_RUNTIME, inference.PredictorOptions(cpu_threads=threads)))
+    notes: List[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        log(line)
+    rows = cpu_rows(threads, extra_deleted, note) + gpu_rows()
     inputs_by_batch, references = {}, {}
     for batch in batches:
         inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch, with_nms)
     flops = conv_flops(built.training_model, size)
     ok = sum(1 for v in variants.values() if not v.error)
-    total = ok * len(runtimes) * len(batches) * (runs + warmup)  # an upper bound: ONNX only for one variant
+    total = ok * len(rows) * len(batches) * (runs + warmup)  # an upper bound: the train form runs in Paddle only
     try:
         from tqdm import tqdm
         bar = tqdm(total=total, desc=f"{config.name} latency", unit="run", file=sys.stderr)
         tick = lambda: bar.update(1)  # noqa: E731
     except ImportError:
         bar, tick = None, None
-    measurements = measure(variants, runtimes, inputs_by_batch, references, runs, warmup, size, with_nms, tick)
+    measurements = measure(variants, rows, inputs_by_batch, references, runs, warmup, size, with_nms, tick)
     if bar:
         bar.close()
     mem = export_memory(os.path.abspath(config.path), root, workdir) if memory else {}
-    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms)
+    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms, notes)
 
 
 def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
@@ -396,7 +436,7 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
     lines = [f"### {cfg.name} ({cfg.input_size()[0]}x{cfg.input_size()[1]}, random weights)", "",
              f"Latency of {scope}.", "",
              "| variant | runtime | batch | median ms | p90 ms | vs ppdet path, same runtime | "
-             "vs ppdet path, default passes | outputs vs dygraph (2nd and last run) |",
+             f"vs ppdet path, {BASE_RUNTIME} | outputs vs dygraph (2nd and last run) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in result.measurements:
         if m.error:
@@ -431,6 +471,19 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
                      f"of a nominal {result.threads}-thread peak of {peak * result.threads / 1e9:.0f} GFLOP/s "
                      f"({peak_note}; the VM's clock may boost above it, and oneDNN may use Winograd, so this "
                      "is an estimate of the distance to the limit, not a bound)")
+    for precision in ("fp32", "bf16"):
+        candidates = [(m.median, m.runtime) for m in result.measurements if m.variant == "ppfuse deploy"
+                      and m.batch == 1 and m.times and m.runtime.endswith(precision)
+                      and not m.parity.startswith(("FAILS", "differ"))]
+        if candidates and base and base.times:
+            median, row = min(candidates)
+            lines.append(f"- best {precision} row for ppfuse deploy, batch 1: {row}, {median * 1e3:.1f} ms = "
+                         f"**{median / base.median:.3f}x** the ppdet path in {BASE_RUNTIME}")
+    slower = [f"{m.runtime} batch {m.batch} ({m.median / p.median:.2f}x)" for m in result.measurements
+              if m.variant == "ppfuse deploy" and m.times
+              for p in [result.cell("ppdet path", m.runtime, m.batch)] if p and p.times and m.median > p.median]
+    lines.append("- ppfuse deploy slower than the ppdet path on the same row: " + (", ".join(slower) or "none"))
+    lines += [f"- {n}" for n in result.notes]
     if result.memory:
         values = list(result.memory.values())
         lines.append("- peak memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in result.memory.items()) +
@@ -451,17 +504,17 @@ def plot(results: List[BenchmarkResult], path: str) -> Optional[str]:
         return None
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
     for ax, result in zip(axes[0], results):
-        runtimes = list(dict.fromkeys(m.runtime for m in result.measurements))
+        rows = list(dict.fromkeys(m.runtime for m in result.measurements))
         width = 0.8 / len(VARIANTS)
         for i, variant in enumerate(VARIANTS):
             values = []
-            for runtime in runtimes:
-                cell = result.cell(variant, runtime, 1)
+            for row in rows:
+                cell = result.cell(variant, row, 1)
                 values.append(cell.median * 1e3 if cell and cell.times else 0.0)
-            xs = [j + i * width for j in range(len(runtimes))]
+            xs = [j + i * width for j in range(len(rows))]
             ax.bar(xs, values, width, label=variant)
-        ax.set_xticks([j + width for j in range(len(runtimes))])
-        ax.set_xticklabels([r.replace("CPU ", "").replace(", ", "\n") for r in runtimes], fontsize=8)
+        ax.set_xticks([j + width for j in range(len(rows))])
+        ax.set_xticklabels([r.replace("Paddle Inference ", "Paddle\n").replace(", ", "\n") for r in rows], fontsize=7)
         ax.set_ylabel("median latency, batch 1 (ms)")
         ax.set_title(f"{result.config.name} {result.config.input_size()[0]}px, {result.threads} threads")
         ax.legend(fontsize=8)

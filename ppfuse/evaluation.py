@@ -279,6 +279,35 @@ def train(config: DetectionConfig, save_dir: str, epochs: Optional[int] = None, 
     return TrainResult(weights, int(cfg.epoch), seconds, schedule)
 
 
+TRAINING_RECORD = "ppfuse_training.json"
+
+
+def train_once(config: DetectionConfig, save_dir: str, epochs: Optional[int], seed: int, data: Dict[str, object],
+               retrain: bool = False, log: Log = print) -> TrainResult:
+    """:func:`train`, or the checkpoint a previous run with the same settings left in ``save_dir/train/``.
+
+    ``save_dir/train/ppfuse_training.json`` records the config, epochs, seed and
+    ``data`` (e.g. the number of generated images) of a finished training; any
+    difference, a missing checkpoint or ``retrain`` trains again.
+    """
+    key = {"config": os.path.abspath(config.path), "overrides": repr(config.overrides), "epochs": epochs,
+           "seed": seed, "data": data}
+    record_path = os.path.join(save_dir, "train", TRAINING_RECORD)
+    weights = os.path.join(save_dir, "train", "model_final.pdparams")
+    if not retrain and os.path.isfile(weights) and os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record.get("key") == key:
+            log(f"training: reusing {weights} ({record['epochs']} epochs, {record['seconds'] / 60:.1f} min; "
+                "--retrain trains again)")
+            return TrainResult(weights, record["epochs"], record["seconds"], record.get("schedule", {}))
+    result = train(config, save_dir, epochs=epochs, seed=seed, log=log)
+    with open(record_path, "w") as f:
+        json.dump({"key": key, "epochs": result.epochs, "seconds": result.seconds,
+                   "schedule": {k: str(v) for k, v in result.schedule.items()}}, f, indent=2)
+    return result
+
+
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 
@@ -422,13 +451,29 @@ def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str,
 
 
 def parity_table(results: Sequence[CocoResult]) -> str:
-    """A Markdown table: model form | mAP@[.5:.95] | mAP@.5, then the absolute difference of the first two."""
-    lines = ["| model form | mAP@[.5:.95] | mAP@.5 |", "| --- | --- | --- |"]
-    lines += [f"| {r.form} | {r.map:.4f} | {r.map50:.4f} |" for r in results]
-    if len(results) >= 2:
-        a, b = results[0], results[1]
-        lines.append(f"| absolute difference | {_difference(a.map, b.map)} | {_difference(a.map50, b.map50)} |")
+    """A Markdown table: model form | mAP@[.5:.95] | mAP@.5 | absolute difference to the first form (the
+    training form), one row per form."""
+    lines = ["| model form | mAP@[.5:.95] | mAP@.5 | absolute difference to the training form (mAP@[.5:.95] / "
+             "mAP@.5) |", "| --- | --- | --- | --- |"]
+    first = results[0] if results else None
+    for r in results:
+        difference = "-" if r is first else f"{_difference(first.map, r.map)} / {_difference(first.map50, r.map50)}"
+        lines.append(f"| {r.form} | {r.map:.4f} | {r.map50:.4f} | {difference} |")
     return "\n".join(lines)
+
+
+def bf16_costs(results: Sequence[CocoResult]) -> List[str]:
+    """One line per runtime scored in fp32 and bf16: what bf16 costs in mAP (fp32 minus bf16)."""
+    by_form = {r.form: r for r in results}
+    lines = []
+    for form, r in by_form.items():
+        if form.endswith(" bf16") and form[:-len("bf16")] + "fp32" in by_form:
+            fp32 = by_form[form[:-len("bf16")] + "fp32"]
+            runtime = form[:-len(" bf16")].replace("ppfuse export, ", "")
+            lines.append(f"bf16 in {runtime}: mAP@[.5:.95] {r.map:.4f} vs fp32 {fp32.map:.4f} (bf16 - fp32 = "
+                         f"{r.map - fp32.map:+.4f}), mAP@.5 {r.map50:.4f} vs {fp32.map50:.4f} "
+                         f"({r.map50 - fp32.map50:+.4f})")
+    return lines
 
 
 def _difference(a: float, b: float) -> str:

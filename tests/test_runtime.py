@@ -122,7 +122,8 @@ def test_every_runtime_gives_paddle_fp32_outputs(raw_export, name, precision):
     assert list(outputs) == ["boxes", "scores"]
     errors = {"boxes": np.abs(outputs["boxes"] - reference["boxes"]) / SIZE,
               "scores": np.abs(outputs["scores"] - reference["scores"])}
-    print(f"\n{name} {precision}: " + ", ".join(f"{k} max {v.max():.3g} mean {v.mean():.3g}" for k, v in errors.items()))
+    print(f"\n{name} {precision}: " + ", ".join(f"{k} max {v.max():.3g} mean {v.mean():.3g}"
+                                              for k, v in errors.items()))
     if precision == "fp32":
         np.testing.assert_allclose(outputs["boxes"] / SIZE, reference["boxes"] / SIZE, atol=FP32_TOLERANCE,
                                    rtol=FP32_TOLERANCE)
@@ -195,3 +196,10 @@ def test_infer_bf16_on_a_cpu_without_bf16_is_one_line(nms_export, monkeypatch, c
     out = str(tmp / "refused")
     expect_error(INFER, ["--model_dir", directory, "--image_file", image, "--precision", "bf16", "--output_dir", out],
                  capsys, r"^error: --precision bf16: this CPU \(AMD EPYC 7B12\) has no bf16 instructions", out)
+
+
+def test_accuracy_tool_refuses_an_unknown_runtime_before_training(capsys, tmp_path):
+    from test_errors import load_tool
+    out = str(tmp_path / "acc")
+    expect_error(load_tool("accuracy_parity"), ["--runtimes", "paddle", "tensorflow", "--output_dir", out], capsys,
+                 r"^error: --runtime tensorflow: use one of paddle, onnxruntime, openvino", out)

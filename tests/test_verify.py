@@ -47,3 +47,21 @@ def test_benchmark_parity_judges_by_tolerance_then_by_float64():
     assert ok and text.startswith("same within fp32 rounding")
     ok, text = parity(reference, [boxes + 3.0, scores], size, with_nms=False)
     assert not ok and text.startswith("differ:")
+
+
+def test_benchmark_bf16_cells_are_judged_by_mean_error():
+    """bf16 drift (mean |error| 1 px, 1e-3) passes the stated bf16 criterion, fp32's would not; a broken bf16
+    run (mean 10 px, or NaN) fails it."""
+    rng = np.random.default_rng(2)
+    size = [640, 640]
+    boxes = rng.uniform(0, 640, (1, 100, 4)).astype(np.float32)
+    scores = rng.uniform(0, 1, (1, 80, 100)).astype(np.float32)
+    reference = Reference([boxes, scores], [boxes.astype(np.float64), scores.astype(np.float64)])
+    drift = [boxes + rng.normal(0, 1.25, boxes.shape), scores + rng.normal(0, 1.25e-3, scores.shape)]
+    assert not parity(reference, drift, size, with_nms=False)[0]
+    ok, text = parity(reference, drift, size, with_nms=False, precision="bf16")
+    assert ok and text.startswith("bf16 drift: box mean 1 px"), text
+    ok, text = parity(reference, [boxes + 10.0, scores], size, with_nms=False, precision="bf16")
+    assert not ok and text.startswith("differ: bf16 drift: box mean 10 px"), text
+    ok, _ = parity(reference, [boxes, np.full_like(scores, np.nan)], size, with_nms=False, precision="bf16")
+    assert not ok

@@ -1,20 +1,27 @@
-"""Accuracy parity: COCO mAP of a trained PP-YOLOE+ in training form and as a ppfuse export.
+"""Accuracy parity: COCO mAP of a trained PP-YOLOE+ in training form and as a ppfuse export in every runtime.
 
     python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
-        [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...]
+        [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...] \
+        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16] [--retrain]
 
 1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
    val seed 1) unless it is already there;
-2. trains from scratch with ppdet's Trainer on CPU (nothing is downloaded) -> <output_dir>/train/;
-   --weights PATH skips training and evaluates that checkpoint instead;
+2. trains from scratch with ppdet's Trainer on CPU (nothing is downloaded) -> <output_dir>/train/,
+   once: a later run with the same config, epochs, seed and data reuses that checkpoint (--retrain
+   trains again); --weights PATH skips training and evaluates that checkpoint instead;
 3. COCO bbox mAP of the training-form dygraph model (ppdet's EvalReader and COCOMetric);
-4. exports with ppfuse -> <output_dir>/inference/<config name>/ and runs every val image through
-   Paddle Inference into the same COCOMetric;
-5. prints a Markdown table and writes it to <output_dir>/accuracy.md (numbers: accuracy.json).
+4. exports with ppfuse (with model.onnx when the [onnx] extra is installed) ->
+   <output_dir>/inference/<config name>/ and runs every val image through every runtime x precision
+   (Paddle Inference fp32 and bf16, ONNX Runtime fp32, OpenVINO fp32 and bf16) into the same
+   COCOMetric; a runtime whose extra is missing, or bf16 on a CPU without bf16 instructions, is
+   skipped with one line saying so;
+5. prints a Markdown table (and what bf16 costs per runtime) and writes it to
+   <output_dir>/accuracy.md (numbers: accuracy.json).
 
 Run from the repository root (dataset and output paths are relative, as in PaddleDetection).
 For one core: OMP_NUM_THREADS=1 and --cpu_threads 1 (the default).
 """
+import importlib.util
 import os
 import sys
 import time
@@ -27,6 +34,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from ppfuse import cli  # noqa: E402
 
 DEFAULT_CONFIG = "configs/shapes/ppyoloe_plus_crn_s_shapes.yml"
+# model.onnx (for ONNX Runtime and OpenVINO) is written and checked with the [onnx] extra
+ONNX_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("paddle2onnx", "onnxruntime"))
 
 
 def log(message):
@@ -51,13 +60,33 @@ def run(argv):
     parser.add_argument("--onednn", choices=["on", "off"], default="on", help="oneDNN in Paddle Inference")
     parser.add_argument("--delete_pass", action="append", default=[], metavar="NAME",
                         help="delete this Paddle Inference pass (repeatable); default: keep every pass")
+    parser.add_argument("--runtimes", nargs="+", default=["paddle", "onnxruntime", "openvino"],
+                        help="runtimes to score the export in (default: all three)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="CPU precisions (default both)")
+    parser.add_argument("--retrain", action="store_true", help="train again even if a checkpoint of the same "
+                        "settings is in <output_dir>/train/")
     args = parser.parse_args(argv)
 
-    from ppfuse import detection, evaluation, export
+    from ppfuse import detection, evaluation, export, runtime
     from ppfuse.errors import ConfigError
     from ppfuse.inference import PredictorOptions
     if args.weights and args.epochs is not None:
         raise ConfigError("--weights skips training, so --epochs has no effect; give one of them")
+    cells = []  # (runtime, precision) to score, each checked before the long training
+    for name in args.runtimes:
+        runtime.runtime_class(name)  # an unknown name is an error now, not after training
+        for precision in args.precisions:
+            if precision not in runtime.CPU_PRECISIONS[name]:
+                log(f"skipped: {name} {precision} ({name} runs {', '.join(runtime.CPU_PRECISIONS[name])} on CPU)")
+            elif name == "paddle" and precision == "bf16" and args.onednn == "off":
+                log("skipped: paddle bf16: it runs through oneDNN (--onednn off)")
+            elif precision == "bf16" and not runtime.bf16_supported():
+                log(f"skipped: {name} bf16: this CPU ({runtime.cpu_model()}) has no bf16 instructions")
+            elif name != "paddle" and not (ONNX_EXTRA and runtime.available(name)):
+                log(f"skipped: {name} {precision}: needs the [onnx] extra (model.onnx)"
+                    + (" and the [openvino] extra" if name == "openvino" else ""))
+            else:
+                cells.append((name, precision))
     evaluation.set_cpu_threads(args.cpu_threads)
     config = detection.load_config(args.config, args.opt)
     if config.get("metric") != "COCO":
@@ -70,24 +99,31 @@ def run(argv):
         weights, trained = args.weights, None
         log(f"training skipped: evaluating {weights}")
     else:
-        trained = evaluation.train(config, output_dir, epochs=args.epochs, seed=args.seed, log=log)
+        trained = evaluation.train_once(config, output_dir, args.epochs, args.seed,
+                                        {"train_images": args.train_images}, args.retrain, log=log)
         weights = trained.weights
         log(f"trained {trained.epochs} epochs in {trained.seconds / 60:.1f} min -> {weights}")
 
     eval_dir = os.path.join(output_dir, "eval")
     training_form = evaluation.evaluate_training_form(config, weights, os.path.join(eval_dir, "training"), log=log)
     start = time.perf_counter()
-    exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, log=log)
+    onnx = any(name != "paddle" for name, _ in cells)
+    exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, onnx=onnx, log=log)
     log(f"exported to {exported.directory}/ in {time.perf_counter() - start:.1f} s")
-    options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",
-                               delete_passes=args.delete_pass)
-    deployed = evaluation.evaluate_exported(exported.directory, evaluation.dataset_split(config, "EvalDataset"),
-                                            os.path.join(eval_dir, "export"), options, log=log)
+    results = [training_form]
+    for name, precision in cells:
+        options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",
+                                   delete_passes=args.delete_pass if name == "paddle" else (), precision=precision)
+        results.append(evaluation.evaluate_exported(
+            exported.directory, evaluation.dataset_split(config, "EvalDataset"),
+            os.path.join(eval_dir, f"export_{name}_{precision}"), options, log=log, runtime=name))
 
-    results = [training_form, deployed]
     command = " ".join(["python tools/accuracy_parity.py"] + list(argv))
     notes = [f"config: `{args.config}`, weights: `{weights}`, {training_form.images} val images",
-             f"Paddle Inference: {deployed.settings}", f"command: `{command}`"]
+             f"CPU: {runtime.cpu_description()}"]
+    notes += [f"{r.form}: {r.settings}" for r in results[1:]]
+    costs = evaluation.bf16_costs(results)
+    notes += costs + [f"command: `{command}`"]
     if trained is not None:
         notes.append(f"training: {trained.epochs} epochs, {args.train_images} images, "
                      f"{trained.seconds / 60:.1f} min on {args.cpu_threads} CPU thread(s)")
@@ -95,7 +131,7 @@ def run(argv):
               "train_seconds": trained.seconds if trained else None,
               "schedule": {k: str(v) for k, v in trained.schedule.items()} if trained else None}
     path = evaluation.write_report(output_dir, results, notes, record)
-    print("\n" + evaluation.parity_table(results) + f"\n\nwrote {path}")
+    print("\n" + evaluation.parity_table(results) + "\n\n" + "".join(f"- {n}\n" for n in costs) + f"\nwrote {path}")
     return 0
 
 

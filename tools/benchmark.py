@@ -1,9 +1,12 @@
-"""Benchmark export variants side by side in Paddle Inference: latency, ops, size, conversion time, memory.
+"""Benchmark export variants side by side in every runtime and precision: latency, ops, size, conversion, memory.
 
     python tools/benchmark.py -c configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml \
         [-c configs/ppyoloe/ppyoloe_plus_crn_l_80e_coco.yml] [--threads 2] [--runs 30] \
         [--output_dir output_bench] [--with_nms] [--delete_passes constant_folding_pass ...]
 
+Rows: Paddle Inference (oneDNN fp32 and bf16, no oneDNN), ONNX Runtime fp32, OpenVINO fp32 and bf16 --
+each that can run here (extras installed; bf16 on a CPU with bf16 instructions), the others listed with
+the reason. The CPU model and its ISA flags (avx512_bf16, AMX) head the tables.
 Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart).
 """
 import argparse
