@@ -44,6 +44,9 @@ THIRD_PARTY_NOISE = (
     re.compile(r"^ReduceMeanCheckIfOneDNNSupport\s*$"),
     # printed twice by ppdet 2.6.0 at import (its MOT trackers, unused here)
     re.compile(r"^Warning: Unable to use numba in PP-Tracking"),
+    # paddle2onnx's progress and its failed optional onnxoptimizer step (ppfuse checks the ONNX model itself)
+    re.compile(r"^\[Paddle2ONNX\] "),
+    re.compile(r"^(\x1b\[[0-9;]*m)?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[(INFO|WARNING)\]\t"),
 )
 
 

@@ -119,6 +119,9 @@ def test_clipped_drops_boxes_left_empty():
     "for now!!!!!",
     "I1126 13:05:57.369800  2824 analysis_predictor.cc:123] some info",
     "ReduceMeanCheckIfOneDNNSupport\n",
+    "[Paddle2ONNX] Start parsing the Paddle model file...",
+    "2026-11-26 13:48:15 [INFO]\tTry to perform optimization on the ONNX model with onnxoptimizer.",
+    "\x1b[0;33m2026-11-26 13:48:16 [WARNING]\tFail to optimize onnx model with error: pass eliminate_nop_cast",
 ])
 def test_noise_lines_are_recognised(line):
     assert cli.is_noise(line)
