@@ -462,17 +462,19 @@ def parity_table(results: Sequence[CocoResult]) -> str:
     return "\n".join(lines)
 
 
-def bf16_costs(results: Sequence[CocoResult]) -> List[str]:
-    """One line per runtime scored in fp32 and bf16: what bf16 costs in mAP (fp32 minus bf16)."""
+def bf16_costs(results: Sequence[CocoResult], precisions: Sequence[str] = ("bf16", "int8")) -> List[str]:
+    """One line per runtime scored in fp32 and a lower precision (bf16, int8): what it costs in mAP (fp32 minus
+    it)."""
     by_form = {r.form: r for r in results}
     lines = []
     for form, r in by_form.items():
-        if form.endswith(" bf16") and form[:-len("bf16")] + "fp32" in by_form:
-            fp32 = by_form[form[:-len("bf16")] + "fp32"]
-            runtime = form[:-len(" bf16")].replace("ppfuse export, ", "")
-            lines.append(f"bf16 in {runtime}: mAP@[.5:.95] {r.map:.4f} vs fp32 {fp32.map:.4f} (bf16 - fp32 = "
-                         f"{r.map - fp32.map:+.4f}), mAP@.5 {r.map50:.4f} vs {fp32.map50:.4f} "
-                         f"({r.map50 - fp32.map50:+.4f})")
+        for low in precisions:
+            if form.endswith(f" {low}") and form[:-len(low)] + "fp32" in by_form:
+                fp32 = by_form[form[:-len(low)] + "fp32"]
+                runtime = form[:-len(f" {low}")].replace("ppfuse export, ", "")
+                lines.append(f"{low} in {runtime}: mAP@[.5:.95] {r.map:.4f} vs fp32 {fp32.map:.4f} ({low} - fp32 = "
+                             f"{r.map - fp32.map:+.4f}), mAP@.5 {r.map50:.4f} vs {fp32.map50:.4f} "
+                             f"({r.map50 - fp32.map50:+.4f})")
     return lines
 
 

@@ -8,6 +8,7 @@ An export directory (``tools/export_deploy.py``)::
 
     model.json, model.pdiparams   the inference program (PIR) and its weights
     model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO
+    model_int8.onnx               tools/quantize.py: model.onnx quantized to int8 (QDQ), for the same two
     infer_cfg.yml                 PaddleDetection's deploy config (preprocessing, labels)
     model_deploy.pdparams         the converted checkpoint
     ppfuse_report.json            what was converted and verified, the program's forms
@@ -24,6 +25,7 @@ MODEL_FILE = "model"  # the prefix paddle.jit.save writes
 PROGRAM_FILES = (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel")  # PIR; the older format, still readable
 PARAMS_FILE = MODEL_FILE + ".pdiparams"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model_int8.onnx"  # written by ppfuse.quantize, recorded in the report under "int8"
 INFER_CFG = "infer_cfg.yml"
 DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"

@@ -2,7 +2,7 @@
 
     python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
         [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...] \
-        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16] [--retrain]
+        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--retrain]
 
 1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
    val seed 1) unless it is already there;
@@ -12,9 +12,10 @@
 3. COCO bbox mAP of the training-form dygraph model (ppdet's EvalReader and COCOMetric);
 4. exports with ppfuse (with model.onnx when the [onnx] extra is installed) ->
    <output_dir>/inference/<config name>/ and runs every val image through every runtime x precision
-   (Paddle Inference fp32 and bf16, ONNX Runtime fp32, OpenVINO fp32 and bf16) into the same
-   COCOMetric; a runtime whose extra is missing, or bf16 on a CPU without bf16 instructions, is
-   skipped with one line saying so;
+   (Paddle Inference fp32 and bf16, ONNX Runtime fp32, OpenVINO fp32 and bf16; int8 when asked
+   for: ONNX Runtime and OpenVINO on model_int8.onnx, quantized as tools/quantize.py does on the
+   first --calibration_images training images) into the same COCOMetric; a runtime whose extra is
+   missing, or bf16 on a CPU without bf16 instructions, is skipped with one line saying so;
 5. prints a Markdown table (and what bf16 costs per runtime) and writes it to
    <output_dir>/accuracy.md (numbers: accuracy.json).
 
@@ -62,7 +63,10 @@ def run(argv):
                         help="delete this Paddle Inference pass (repeatable); default: keep every pass")
     parser.add_argument("--runtimes", nargs="+", default=["paddle", "onnxruntime", "openvino"],
                         help="runtimes to score the export in (default: all three)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="CPU precisions (default both)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="CPU precisions: fp32, bf16, int8 "
+                        "(default fp32 bf16)")
+    parser.add_argument("--calibration_images", type=int, default=32, help="int8: calibration images, the first of "
+                        "the training split (default 32)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a checkpoint of the same "
                         "settings is in <output_dir>/train/")
     args = parser.parse_args(argv)
@@ -82,6 +86,8 @@ def run(argv):
                 log("skipped: paddle bf16: it runs through oneDNN (--onednn off)")
             elif precision == "bf16" and not runtime.bf16_supported():
                 log(f"skipped: {name} bf16: this CPU ({runtime.cpu_model()}) has no bf16 instructions")
+            elif precision == "int8" and importlib.util.find_spec("ml_dtypes") is None:
+                log(f"skipped: {name} int8: needs the [int8] extra")
             elif name != "paddle" and not (ONNX_EXTRA and runtime.available(name)):
                 log(f"skipped: {name} {precision}: needs the [onnx] extra (model.onnx)"
                     + (" and the [openvino] extra" if name == "openvino" else ""))
@@ -110,6 +116,12 @@ def run(argv):
     onnx = any(name != "paddle" for name, _ in cells)
     exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, onnx=onnx, log=log)
     log(f"exported to {exported.directory}/ in {time.perf_counter() - start:.1f} s")
+    if any(precision == "int8" for _, precision in cells):
+        from ppfuse import quantize
+        calibration = evaluation.dataset_split(config, "TrainDataset").images
+        quantized = quantize.quantize_export(exported.directory, calibration,
+                                             quantize.QuantizeSettings(images=args.calibration_images), log=log)
+        log(quantized.line())
     results = [training_form]
     for name, precision in cells:
         options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",

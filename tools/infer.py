@@ -1,7 +1,7 @@
 """Run an exported detector on an image or a folder of images: Paddle Inference, ONNX Runtime or OpenVINO.
 
     python tools/infer.py --model_dir output_inference/ppyoloe_plus_crn_s_80e_coco \
-        --image_file demo.jpg [--runtime paddle|onnxruntime|openvino] [--precision fp32|bf16|fp16] \
+        --image_file demo.jpg [--runtime paddle|onnxruntime|openvino] [--precision fp32|bf16|int8|fp16] \
         [--device cpu|gpu] [--tensorrt] [--cpu_threads 2] [--onednn on|off] [--threshold 0.5] [--output_dir output]
 
 Prints the detections (class, score, box) of each image and writes an annotated
@@ -11,7 +11,9 @@ export of random weights (its ppfuse_report.json says so) gets one warning.
 Settings default to the fastest measured ones that give the same detections
 (see README). ONNX Runtime and OpenVINO run the export's model.onnx (export
 with --onnx). --precision bf16 (CPU: Paddle Inference's oneDNN, OpenVINO) needs
-a CPU with bf16 instructions; the precision that ran is read back and printed.
+a CPU with bf16 instructions. --precision int8 (CPU: ONNX Runtime, OpenVINO)
+runs model_int8.onnx, written by tools/quantize.py. The precision that ran is
+read back and printed (for int8: how many convolutions ran int8).
 """
 import json
 import os
@@ -34,7 +36,8 @@ def run(argv):
     parser.add_argument("--runtime", default="paddle", help="paddle (Paddle Inference, default), onnxruntime "
                         "or openvino (both run model.onnx: export with --onnx)")
     parser.add_argument("--device", default="cpu", help="cpu or gpu")
-    parser.add_argument("--precision", default="fp32", help="fp32, bf16 (CPU: paddle, openvino) or fp16 (GPU)")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 (CPU: paddle, openvino), int8 (CPU: "
+                        "onnxruntime, openvino; run tools/quantize.py first) or fp16 (GPU)")
     parser.add_argument("--tensorrt", action="store_true", help="run through TensorRT (GPU only)")
     parser.add_argument("--cpu_threads", type=int, default=2)
     parser.add_argument("--onednn", choices=["on", "off"], default="on", help="oneDNN on CPU (default on)")

@@ -8,7 +8,8 @@
 
 One module per runtime; each reads an export directory through
 :mod:`ppfuse.export_format` only. ONNX Runtime and OpenVINO read
-``model.onnx`` (``--onnx`` at export) and need their extras; a runtime's
+``model.onnx`` (``--onnx`` at export), and with ``--precision int8`` its quantized
+``model_int8.onnx`` (``tools/quantize.py``), and need their extras; a runtime's
 module is imported when it is loaded, so a missing extra costs nothing else.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 
 from ..errors import InferenceError
 from .base import (PrecisionReport, Runtime, RuntimeOptions, bf16_supported, check_options,  # noqa: F401
-                   cpu_description, cpu_flags, cpu_model, require_bf16)
+                   cpu_description, cpu_flags, cpu_model, int8_isa, require_bf16)
 
 # --runtime name -> (module, class)
 RUNTIMES = {
@@ -28,7 +29,7 @@ RUNTIMES = {
     "openvino": ("openvino_runtime", "OpenVINO"),
 }
 # which precisions each runs on CPU
-CPU_PRECISIONS = {"paddle": ("fp32", "bf16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
+CPU_PRECISIONS = {"paddle": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 
 
 def runtime_class(name: str) -> type:

@@ -9,6 +9,10 @@ never a silent default.
 Also here: the CPU's bf16 support, read from ``/proc/cpuinfo`` (bf16 runs fast
 only with ``avx512_bf16`` or AMX; without them oneDNN emulates it slowly and
 OpenVINO silently runs f32, so ppfuse refuses bf16 there in one line).
+
+int8 (``--precision int8``, CPU) runs ``model_int8.onnx`` (``tools/quantize.py``) in ONNX Runtime or
+OpenVINO; Paddle Inference's int8 is not supported by ppfuse. Each counts the convolutions that really
+ran int8, and names the CPU's int8 instructions (:data:`INT8_FLAGS`).
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ import numpy as np
 from ..errors import InferenceError
 from ..export_format import output_names
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either runs bf16 natively; amx_tile is AMX's tile unit
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # VNNI's u8 x s8 dot products; AMX's int8 tiles
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 @dataclass
 class RuntimeOptions:
-    """How to run: ``device`` cpu|gpu, ``precision`` fp32|bf16 (CPU)|fp16 (GPU), CPU threads; Paddle
+    """How to run: ``device`` cpu|gpu, ``precision`` fp32|bf16 (CPU)|int8 (CPU)|fp16 (GPU), CPU threads; Paddle
     Inference's own settings (oneDNN, deleted passes, TensorRT, GPU memory) are ignored by the others."""
     device: str = "cpu"
     precision: str = "fp32"
@@ -43,7 +48,8 @@ class RuntimeOptions:
 
 @dataclass
 class PrecisionReport:
-    """What a runtime executed: ``ran`` is fp32, bf16, fp16 or mixed; ``detail`` says how we know."""
+    """What a runtime executed: ``ran`` is fp32, bf16, fp16, int8 or mixed; ``detail`` says how we know (for int8:
+    how many of the convolutions ran int8)."""
     requested: str
     ran: str
     detail: str
@@ -87,6 +93,12 @@ def cpu_description() -> str:
     return f"{cpu_model()} ({isa})"
 
 
+def int8_isa() -> str:
+    """The CPU's int8 instructions, e.g. ``avx512_vnni yes, avx_vnni no, amx_int8 no``."""
+    flags = cpu_flags()
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in INT8_FLAGS)
+
+
 def bf16_supported() -> bool:
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
 
@@ -104,7 +116,13 @@ def check_options(options: RuntimeOptions, runtime: str) -> None:
     if options.device not in ("cpu", "gpu"):
         raise InferenceError(f"--device {options.device}: use cpu or gpu")
     if options.precision not in PRECISIONS:
-        raise InferenceError(f"--precision {options.precision}: use fp32, bf16 (CPU) or fp16 (GPU)")
+        raise InferenceError(f"--precision {options.precision}: use fp32, bf16 (CPU), int8 (CPU) or fp16 (GPU)")
+    if options.precision == "int8" and runtime == "paddle":
+        raise InferenceError("--precision int8: use fp32, bf16 (CPU) or fp16 (GPU) with --runtime paddle (ppfuse does "
+                             "not run Paddle Inference int8); int8 runs model_int8.onnx (tools/quantize.py) in "
+                             "--runtime onnxruntime or openvino")
+    if options.device == "gpu" and options.precision == "int8":
+        raise InferenceError("--precision int8 runs on CPU only here; use --device cpu")
     if options.device == "cpu" and options.precision == "fp16":
         raise InferenceError("--precision fp16 runs on GPU only; use --device gpu, or fp32 or bf16 on CPU")
     if options.device == "gpu" and options.precision == "bf16":

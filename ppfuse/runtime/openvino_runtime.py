@@ -4,6 +4,9 @@ The precision is always given as ``INFERENCE_PRECISION_HINT`` (f32 or bf16):
 left unset, OpenVINO runs bf16 on any CPU with bf16 instructions, a silent
 change of the numbers. What ran is read back from the compiled model: its
 precision hint and the runtime precision of every convolution it executes.
+int8 compiles ``model_int8.onnx`` (QDQ, ``tools/quantize.py``) with the hint
+f32, so that what is not quantized runs f32; its low-precision transformations
+turn the QDQ convs into u8/i8 convolutions, counted from the runtime model.
 Needs the ``[openvino]`` extra.
 """
 from __future__ import annotations
@@ -15,9 +18,10 @@ import numpy as np
 
 from ..errors import InferenceError
 from .base import PrecisionReport, Runtime, RuntimeOptions, check_options
-from .onnx_runtime import onnx_path, require_module
+from .onnx_runtime import int8_report, onnx_path, require_module
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the model's QDQ nodes
+INT8_TYPES = ("u8", "i8")
 NAMES = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
 
 
@@ -40,7 +44,7 @@ class OpenVINO(Runtime):
         if self.options.device != "cpu":
             raise InferenceError("--runtime openvino runs on CPU here; use --device cpu")
         ov = require_module("openvino", "openvino", "openvino")
-        path = onnx_path(model_dir, self.title)
+        path = onnx_path(model_dir, self.title, self.options.precision)
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.options.precision],
                   "INFERENCE_NUM_THREADS": self.options.cpu_threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -72,6 +76,11 @@ class OpenVINO(Runtime):
     def confirm_precision(self, inputs: Mapping[str, np.ndarray]) -> PrecisionReport:
         hint = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         counts = self.convolution_precisions()
+        if self.options.precision == "int8":
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            int8 = sum(n for k, n in counts.items() if k in INT8_TYPES)
+            return int8_report("int8", {"int8": int8, "fp32": sum(counts.values()) - int8},
+                               f"runtime model of model_int8.onnx, hint {hint} ({kinds})")
         kinds = set(counts)
         ran = kinds.pop() if len(kinds) == 1 else "mixed" if kinds else hint
         total = sum(counts.values())

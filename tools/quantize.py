@@ -1,0 +1,56 @@
+"""Quantize an export to int8: model_int8.onnx (QDQ) next to its model.onnx, calibrated on a few dozen images.
+
+    python tools/quantize.py --model_dir output_inference/ppyoloe_plus_crn_s_320_test \
+        [--image_dir dataset/shapes/train] [--images 32] [--calibration minmax|entropy|percentile] \
+        [--per_tensor] [--activation_type uint8|int8] [--check onnxruntime openvino]
+
+ONNX Runtime's static quantization (quantize_static, QDQ format): Conv only, int8
+weights per output channel (--per_tensor: one scale per kernel), uint8 activations,
+calibrated on the first --images images of --image_dir, preprocessed as the
+export's infer_cfg.yml says. The file is recorded in ppfuse_report.json ("int8").
+Run it with tools/infer.py --runtime onnxruntime|openvino --precision int8.
+--check loads it in those runtimes and prints how many convolutions ran int8.
+Needs the [int8] extra: pip install -c constraints.txt -e ".[int8]"
+"""
+import os
+import sys
+import warnings
+
+if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; nothing here compiles C++
+    warnings.filterwarnings("ignore", message="No ccache found")
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from ppfuse import cli  # noqa: E402
+
+
+def run(argv):
+    parser = cli.base_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("--model_dir", required=True, help="directory written by tools/export_deploy.py --onnx")
+    from ppfuse import quantize
+    quantize.add_arguments(parser)
+    parser.add_argument("--check", nargs="*", default=[], metavar="RUNTIME",
+                        help="load model_int8.onnx in these runtimes (onnxruntime, openvino) and print what ran")
+    parser.add_argument("--cpu_threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from ppfuse import runtime
+    from ppfuse.errors import ConfigError
+    settings = quantize.settings_from_args(args)
+    for name in args.check:
+        if "int8" not in runtime.CPU_PRECISIONS.get(name, ("int8",)):
+            raise ConfigError(f"--check {name}: int8 runs in onnxruntime or openvino")
+        runtime.runtime_class(name)
+    result = quantize.quantize_export(args.model_dir, args.image_dir, settings)
+    print(result.line())
+    if args.check:
+        inputs = quantize.calibration_inputs(args.model_dir, result.images[:1])[0]
+        print(f"CPU: {runtime.cpu_description()}")
+        for name in args.check:
+            model = runtime.load(args.model_dir, name, runtime.RuntimeOptions(precision="int8",
+                                                                              cpu_threads=args.cpu_threads))
+            print(f"{model.settings()}: {model.confirm_precision(inputs).line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))
