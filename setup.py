@@ -1,6 +1,8 @@
 """ppfuse: structural re-parameterization and Conv+BN folding for PaddlePaddle / PaddleDetection."""
 from setuptools import find_packages, setup
 
+ONNX = ["paddle2onnx==2.1.0", "onnx==1.17.0", "onnxruntime", "onnxoptimizer"]
+
 setup(
     name="ppfuse",
     version="0.1.0",
@@ -22,12 +24,12 @@ setup(
         "cpu": ["paddlepaddle==3.3.1"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib"],
-        "onnx": ["paddle2onnx==2.1.0", "onnx==1.17.0", "onnxruntime", "onnxoptimizer"],
+        "onnx": ONNX,
         # OpenVINO runs the export's model.onnx (write it with --onnx, which needs the onnx extra too);
         # 2026.4.1 installs beside numpy 1.23.5 and Paddle 3.3.1 (whose own libopenvino 2025.0 does not clash)
         "openvino": ["openvino==2026.4.1"],
         # int8 (tools/quantize.py): ONNX Runtime's static quantization imports ml_dtypes; its newest releases
         # need numpy 2, 0.3.2 keeps numpy 1.23.5 (constraints.txt pins it)
-        "int8": ["paddle2onnx==2.1.0", "onnx==1.17.0", "onnxruntime", "onnxoptimizer", "ml_dtypes==0.3.2"],
+        "int8": ONNX + ["ml_dtypes==0.3.2"],
     },
 )

@@ -10,10 +10,11 @@ Quantization is ONNX Runtime's static post-training quantization
 DequantizeLinear pairs on its input and output activations (uint8 by default)
 and int8 weights stored as such with a DequantizeLinear (per output channel by
 default), calibrated on images preprocessed exactly as the export's
-``infer_cfg.yml`` says. Only Conv nodes are quantized: the rest of PP-YOLOE
-(swish's Sigmoid and Mul, the residual Adds, the head's Softmax, decoding and
-NMS) stays float, because an Add or Mul quantized between int8 convs buys
-little on CPU and the head's box decoding is where int8 hurts localisation.
+``infer_cfg.yml`` says. Only Conv nodes are quantized -- they hold nearly all
+of the network's arithmetic; the rest of PP-YOLOE (swish's Sigmoid and Mul,
+the residual Adds, the ESE attention, the head's Softmax, box decoding and NMS)
+stays float, so residual sums and decoding are computed as in fp32. Quantizing
+Add/Mul too would add QDQ pairs whose effect is not measured here.
 
 uint8 activations (asymmetric) rather than int8: every conv input here is a
 swish output or the normalized image, ranges far from symmetric (swish >=
