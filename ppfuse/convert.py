@@ -325,8 +325,19 @@ def _method_sources(cls: type) -> Optional[List[Tuple[str, str]]]:
     return found
 
 
+_REACHES: Dict[tuple, Optional[str]] = {}
+
+
 def _reaches_into(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) -> Optional[str]:
-    """Why ``ancestor``'s code may use ``child`` other than by calling it, else None."""
+    """Why ``ancestor``'s code may use ``child`` other than by calling it, else None (cached per classes)."""
+    key = (type(ancestor), name, type(child), holder,
+           frozenset(child._sub_layers) | frozenset(child._parameters) | frozenset(child._buffers))
+    if key not in _REACHES:
+        _REACHES[key] = _reaches_into_uncached(ancestor, name, child, holder)
+    return _REACHES[key]
+
+
+def _reaches_into_uncached(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) -> Optional[str]:
     sources = _method_sources(type(ancestor))
     if sources is None:
         return f"the source of {type(ancestor).__name__} cannot be read to see how it uses '{name}'"

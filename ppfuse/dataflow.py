@@ -116,8 +116,9 @@ def _fast_dy2static():
     re-transforming every forward on every trace (the function cache is a WeakKeyDictionary keyed by
     bound methods, which die at once) -- kept here per underlying function for the process; asking
     ``is_unsupported`` for each of ~1200 calls, which rebuilds two lists of module functions each
-    time -- memoized; and maps from generated code back to source lines plus a Python stack per op
-    (``traceback.extract_stack``, asked by every PIR op), which serve error messages only -- not built.
+    time -- memoized; maps from generated code back to source lines plus a Python stack per op
+    (``traceback.extract_stack``, asked by every PIR op), which serve error messages only, and the
+    ``struct_name`` of each op (which lists the whole program at every layer call) -- not built.
     """
     from paddle.jit.dy2static import convert_call_func as calls, program_translator as translator
     saved = (translator.FunctionCache._convert, translator.create_and_update_origin_info_map,
@@ -143,6 +144,9 @@ def _fast_dy2static():
     translator.create_and_update_origin_info_map = lambda *args, **kwargs: None
     translator.update_op_callstack_with_origin_info = lambda program: program
     calls.is_unsupported = unsupported
+    from paddle.nn.layer import layers as paddle_layers
+    name_struct = paddle_layers.name_struct  # lists every op of the program at each layer call
+    paddle_layers.name_struct = lambda prefix=None: contextlib.nullcontext()
     extract_stack = traceback.extract_stack
     traceback.extract_stack = lambda *args, **kwargs: traceback.StackSummary()  # PIR asks one per op
     try:
@@ -151,6 +155,7 @@ def _fast_dy2static():
         (translator.FunctionCache._convert, translator.create_and_update_origin_info_map,
          translator.update_op_callstack_with_origin_info, calls.is_unsupported) = saved
         traceback.extract_stack = extract_stack
+        paddle_layers.name_struct = name_struct
 
 
 @dataclass
