@@ -49,7 +49,9 @@ def run(argv):
                            **tolerance)
     conversion = result.built.conversion
     if conversion is not None:
-        print(conversion.summary().splitlines()[0])
+        confirmed = ("every fold confirmed against the traced program" if conversion.confirmed_by_trace
+                     else f"{len(conversion.unconfirmed)} folds not confirmed by a trace")
+        print(f"{conversion.summary().splitlines()[0]}; {confirmed}")
     ops = result.op_counts
     print(f"saved program ops: conv2d {ops.get('conv2d', 0)}, batch_norm {ops.get('batch_norm', 0)}, "
           f"if {ops.get('if', 0)}, add {ops.get('add', 0)} (of which {ops.get('add_tensors', 0)} add two "
