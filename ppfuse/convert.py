@@ -149,21 +149,37 @@ def register_converter(layer_type: type, converter: Optional[Converter] = None, 
     return add if converter is None else add(converter)
 
 
-def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", replace: bool = False) -> None:
-    """Declare that in ``layer_type`` the sublayer ``conv`` feeds the sublayer ``bn``.
+def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", replace: bool = False,
+                     pairs: Optional[Sequence[Tuple[str, str]]] = None,
+                     applies: Optional[Callable[[nn.Layer], bool]] = None) -> None:
+    """Declare that in ``layer_type`` the sublayer ``conv`` feeds the sublayer ``bn`` (or each ``(conv, bn)``
+    of ``pairs``), and nothing else uses the conv's output.
 
-    The converter folds the pair: ``conv`` becomes a conv with bias and ``bn``
-    an ``nn.Identity``. A ``bn`` that is not a BatchNorm (GroupNorm, None) is
-    left as it is, and so is a subclass that overrides ``forward``.
+    The converter folds each pair: the conv becomes a conv with bias and the BN an ``nn.Identity``. A
+    ``bn`` that is not a BatchNorm (GroupNorm, None) is left as it is, and so is a subclass that
+    overrides ``forward``. ``applies(layer)`` says whether this layer's ``forward`` applies the pairs at
+    all (e.g. a norm used only for some ``norm_type``); False leaves it.
     """
-    def convert_pair(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
-        conv_layer, bn_layer = getattr(layer, conv, None), getattr(layer, bn, None)
-        if not (layers.is_conv(conv_layer) and layers.is_batch_norm(bn_layer)):
+    declared = list(pairs) if pairs else [(conv, bn)]
+
+    def convert_pairs(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
+        found = [(c, b) for c, b in declared
+                 if layers.is_conv(getattr(layer, c, None)) and layers.is_batch_norm(getattr(layer, b, None))]
+        if not found:
             return None
         require_forward(layer, layer_type, site.where)
-        return [fold_rewrite(layer, conv, layer, bn, _join(site.where, conv), _join(site.where, bn))]
-    convert_pair.__qualname__ = f"conv_bn[{conv}->{bn}]"
-    register_converter(layer_type, convert_pair, replace=replace)
+        if applies is not None and not applies(layer):
+            raise Unconvertible(f"{site.where} ({type(layer).__name__}): its forward does not apply the "
+                                "declared conv -> BatchNorm pair in this configuration; left as it is")
+        rewrites = []
+        for c, b in found:
+            try:
+                rewrites.append(fold_rewrite(layer, c, layer, b, _join(site.where, c), _join(site.where, b)))
+            except Unconvertible as exc:
+                site.leave(getattr(layer, b), str(exc))
+        return rewrites or None
+    convert_pairs.__qualname__ = "conv_bn[" + ", ".join(f"{c}->{b}" for c, b in declared) + "]"
+    register_converter(layer_type, convert_pairs, replace=replace)
 
 
 def require_forward(layer: nn.Layer, layer_type: type, where: str) -> None:

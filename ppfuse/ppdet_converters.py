@@ -99,3 +99,36 @@ register_converter(PPDetRepVggBlock, convert_ppdet_repvgg)
 register_converter(MobileOneBlock, convert_mobileone)
 register_conv_bn(CSPConvBNLayer, "conv", "bn")
 register_conv_bn(ConvNormLayer, "conv", "norm")
+
+# ppdet's other conv-norm layers, each read for what its forward does: conv, then that norm, then an
+# activation (module, class, (conv, norm) pairs, and when the forward applies them)
+PPDET_CONV_NORM_LAYERS = [
+    ("backbones.resnet", "ConvNormLayer", [("conv", "norm")],
+     lambda layer: layer.norm_type in ("bn", "sync_bn") and not layer.dcn_v2),
+    ("backbones.hrnet", "ConvNormLayer", [("conv", "norm")], None),
+    ("backbones.darknet", "ConvBNLayer", [("conv", "batch_norm")], None),
+    ("backbones.csp_darknet", "BaseConv", [("conv", "bn")], None),
+    ("backbones.mobilenet_v3", "ConvBNLayer", [("conv", "bn")], None),
+    ("backbones.lite_hrnet", "ConvNormLayer", [("conv", "norm")], None),
+    ("backbones.mobilenet_v1", "ConvBNLayer", [("_conv", "_batch_norm")], None),
+    ("backbones.blazenet", "ConvBNLayer", [("_conv", "_batch_norm")], None),
+    ("backbones.shufflenet_v2", "ConvBNLayer", [("_conv", "_batch_norm")], None),
+    ("backbones.lcnet", "ConvBNLayer", [("conv", "bn")], None),
+    ("necks.csp_pan", "ConvBNLayer", [("conv", "bn")], None),
+    ("necks.csp_pan", "DPModule", [("dwconv", "bn1"), ("pwconv", "bn2")], None),
+    ("necks.blazeface_fpn", "ConvBNLayer", [("_conv", "_batch_norm")], None),
+    ("heads.ssd_head", "SepConvLayer", [("dw_conv", "bn")], None),
+]
+
+
+def _register_ppdet_conv_norm_layers() -> None:
+    import importlib
+    for module, name, pairs, applies in PPDET_CONV_NORM_LAYERS:
+        try:
+            layer_type = getattr(importlib.import_module(f"ppdet.modeling.{module}"), name)
+        except (ImportError, AttributeError):  # another ppdet version: pair those by dataflow
+            continue
+        register_conv_bn(layer_type, pairs=pairs, applies=applies, replace=True)
+
+
+_register_ppdet_conv_norm_layers()
