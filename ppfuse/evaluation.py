@@ -408,9 +408,10 @@ def evaluate_exported(model_dir: str, split: DatasetSplit, output_eval: str,
     config: Resize 320 keep_ratio False interp 2, /255 -- the EvalReader's
     transforms); detections go into the same ``COCOMetric`` as the training
     form's. ``runtime``: ``paddle``, ``onnxruntime`` or ``openvino`` (the last two
-    read ``model.onnx``); ``options``: a :class:`ppfuse.inference.PredictorOptions`
-    (precision fp32 or bf16 among them), default ppfuse's CPU settings on one
-    thread. The runtime is first checked to give the same outputs when run twice
+    read ``model.onnx``, or ``model_int8.onnx`` for int8); ``options``: a
+    :class:`ppfuse.inference.PredictorOptions` (precision fp32, bf16 or int8
+    among them), default ppfuse's CPU settings on one thread. The runtime is
+    first checked to give the same outputs when run twice
     on one image, and the precision it ran is read back into the settings.
 
     Raises:

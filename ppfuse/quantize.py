@@ -466,12 +466,17 @@ def plot_errors(models: Sequence[ModelErrors], names: Sequence[str], path: str) 
         raise ConfigError("the plot needs matplotlib: pip install -c constraints.txt -e \".[bench]\"") from None
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     width = 0.8 / len(models)
+    finite = [layer.output_sqnr for model in models for layer in model.layers if math.isfinite(layer.output_sqnr)]
+    ceiling = 1.1 * max(finite + [1.0])  # an infinite SQNR (int8 equal to fp32) is drawn hatched at this height
     for j, (name, model) in enumerate(zip(names, models)):
         x = np.arange(len(model.layers)) + (j - (len(models) - 1) / 2) * width
-        top.bar(x, [min(layer.output_sqnr, 99) for layer in model.layers], width, label=name)
+        bars = top.bar(x, [min(max(layer.output_sqnr, 0.0), ceiling) for layer in model.layers], width, label=name)
+        for bar, layer in zip(bars, model.layers):
+            if layer.output_sqnr == math.inf:
+                bar.set_hatch("//")
         bottom.plot(x, [layer.weight_sqnr_per_channel for layer in model.layers], ".-", label=f"{name}, per-channel")
         bottom.plot(x, [layer.weight_sqnr_per_tensor for layer in model.layers], "x:", label=f"{name}, per-tensor")
-    top.set_ylabel("conv output SQNR (dB)\nint8 vs fp32")
+    top.set_ylabel("conv output SQNR (dB)\nint8 vs fp32 (hatched: inf)")
     top.set_title(f"Per-layer int8 quantization error ({models[0].settings.describe()})", fontsize=9)
     bottom.set_ylabel("weight SQNR (dB)\nint8 weights alone")
     bottom.set_xlabel("deployed conv (index in model.onnx)")
