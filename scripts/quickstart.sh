@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -c constraints.txt -e ".[cpu,test]"
+.venv/bin/pip install -q -c constraints.txt -e ".[cpu,test,onnx,openvino,int8,bench]"
 CONFIG=configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml
 EXTRA=()
 if [ -n "${WEIGHTS:-}" ]; then EXTRA=(-o "weights=$WEIGHTS"); fi
