@@ -51,7 +51,7 @@ from . import runtime as runtimes
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
 from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model, verify_deployed
-from .export_format import MODEL_FILE, ONNX_FILE, PARAMS_FILE
+from .export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
 from .verify import compare_detections, judge
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
@@ -100,6 +100,25 @@ def gpu_rows() -> List[Row]:
     return [Row("Paddle Inference GPU fp32", "paddle", runtimes.RuntimeOptions(device="gpu")),
             Row("Paddle Inference GPU TensorRT fp16", "paddle",
                 runtimes.RuntimeOptions(device="gpu", precision="fp16", tensorrt=True))]
+
+
+def int8_available() -> bool:
+    """Whether ONNX Runtime's quantization can run (the [int8] extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("ml_dtypes", "onnx", "onnxruntime"))
+
+
+# generated images calibrate the random-weight variants: the timing does not depend on what they show
+INT8_CALIBRATION_IMAGES = 8
+
+
+def _quantize_variant(directory: str, size: List[int]) -> None:
+    """``model_int8.onnx`` of a variant (ppfuse's defaults: QDQ, Conv only, per-channel int8 weights)."""
+    from . import quantize
+    feeds = []
+    for seed in range(INT8_CALIBRATION_IMAGES):
+        image, scale = sample_inputs(size, 1, 100 + seed)
+        feeds.append({"image": image.numpy(), "scale_factor": scale.numpy()})
+    quantize.quantize_onnx(os.path.join(directory, ONNX_FILE), os.path.join(directory, INT8_ONNX_FILE), feeds)
 
 
 def onnx_available() -> bool:
@@ -227,6 +246,8 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
                 save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms,
                                      topk_before_nms=with_nms, ese_pool=ese_pool)
                 onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
+                if int8_available():
+                    _quantize_variant(directory, size)
         except Exception as exc:  # a variant that cannot be exported is a result, not a crash
             result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         log(f"exported {name}: {result.error or 'ok'}")
@@ -259,8 +280,8 @@ def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], wit
     outputs: mean absolute error within :data:`BF16_MEAN_ERROR` (NMS outputs of bf16 are not compared:
     with random weights their ties reorder).
     """
-    if precision == "bf16":
-        return bf16_parity(reference, outputs, size, with_nms)
+    if precision in ("bf16", "int8"):
+        return low_precision_parity(reference, outputs, size, with_nms, precision)
     if with_nms:
         return compare_detections(reference.outputs, outputs, DEFAULT_ATOL * max(size))
     if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
@@ -279,19 +300,28 @@ def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], wit
     return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
 
 
-def bf16_parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool):
-    """``(ok, description)`` of a bf16 cell: mean and max absolute error, judged by :data:`BF16_MEAN_ERROR`."""
+def low_precision_parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,
+                         precision: str = "bf16"):
+    """``(ok, description)`` of a bf16 or int8 cell: its drift from fp32, mean and max absolute error.
+
+    bf16 is judged by :data:`BF16_MEAN_ERROR`; int8 is not judged here (calibrated on generated images,
+    random weights push scores to 0 or 1, so small noise flips them): only a trained model's mAP says
+    what it costs (README, int8). A non-finite output fails either way.
+    """
     if with_nms:
-        return True, "bf16: detections not compared (random weights; see accuracy parity for mAP)"
+        return True, f"{precision}: detections not compared (random weights; see accuracy parity for mAP)"
     if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
         return False, f"different outputs ({[list(o.shape) for o in outputs]})"
     expected, got = detector_outputs(*reference.outputs, size=size), detector_outputs(*outputs, size=size)
     errors = {k: np.abs(got[k].astype(np.float64) - expected[k]) for k in expected}
     extent = float(max(size))
-    text = (f"bf16 drift: box mean {errors['boxes_over_size'].mean() * extent:.2g} px (max "
+    text = (f"{precision} drift: box mean {errors['boxes_over_size'].mean() * extent:.2g} px (max "
             f"{errors['boxes_over_size'].max() * extent:.2g}), score mean {errors['scores'].mean():.2g} (max "
             f"{errors['scores'].max():.2g})")
-    ok = all(np.isfinite(errors[k]).all() and errors[k].mean() <= limit for k, limit in BF16_MEAN_ERROR.items())
+    finite = all(np.isfinite(errors[k]).all() for k in errors)
+    if precision == "int8":
+        return finite, (text + " (not judged on random weights)") if finite else "differ: " + text
+    ok = finite and all(errors[k].mean() <= limit for k, limit in BF16_MEAN_ERROR.items())
     return ok, text if ok else "differ: " + text
 
 
@@ -471,7 +501,7 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
                      f"of a nominal {result.threads}-thread peak of {peak * result.threads / 1e9:.0f} GFLOP/s "
                      f"({peak_note}; the VM's clock may boost above it, and oneDNN may use Winograd, so this "
                      "is an estimate of the distance to the limit, not a bound)")
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "int8"):
         candidates = [(m.median, m.runtime) for m in result.measurements if m.variant == "ppfuse deploy"
                       and m.batch == 1 and m.times and m.runtime.endswith(precision)
                       and not m.parity.startswith(("FAILS", "differ"))]

@@ -65,3 +65,16 @@ def test_benchmark_bf16_cells_are_judged_by_mean_error():
     assert not ok and text.startswith("differ: bf16 drift: box mean 10 px"), text
     ok, _ = parity(reference, [boxes, np.full_like(scores, np.nan)], size, with_nms=False, precision="bf16")
     assert not ok
+
+
+def test_benchmark_int8_cells_show_their_drift_and_fail_only_when_broken():
+    """int8 of random weights is not judged by a tolerance (its drift is printed); NaN still fails."""
+    rng = np.random.default_rng(3)
+    size = [320, 320]
+    boxes = rng.uniform(0, 320, (1, 50, 4)).astype(np.float32)
+    scores = rng.uniform(0, 1, (1, 80, 50)).astype(np.float32)
+    reference = Reference([boxes, scores], [boxes.astype(np.float64), scores.astype(np.float64)])
+    ok, text = parity(reference, [boxes + 10.0, scores], size, with_nms=False, precision="int8")
+    assert ok and text.startswith("int8 drift: box mean 10 px") and "not judged" in text, text
+    ok, text = parity(reference, [boxes, np.full_like(scores, np.nan)], size, with_nms=False, precision="int8")
+    assert not ok and text.startswith("differ: int8 drift"), text
