@@ -51,7 +51,88 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
         raise ExportError(f"{model_dir}: paddle2onnx failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not os.path.exists(onnx_path):
         raise ExportError(f"{model_dir}: paddle2onnx wrote no {onnx_path}")
+    onnx = _require("onnx")
+    model = onnx.load(onnx_path)
+    if fuse_conv_bias_adds(model):
+        onnx.checker.check_model(model)
+        onnx.save(model, onnx_path)
     return onnx_path
+
+
+def fuse_conv_bias_adds(model) -> int:
+    """Put each conv bias that paddle2onnx writes as ``Add(Conv(x, W), Reshape(b, [1, C, 1, 1]))`` back into
+    the Conv's bias input; returns how many. Exact (the same sum); fewer nodes for every ONNX runtime.
+
+    paddle2onnx's own clean-up (onnxoptimizer) fails on these models, so the Reshape+Add pairs of every
+    folded conv (94 in PP-YOLOE+ s) would stay. Only an Add that is the conv output's one consumer, with
+    a constant per-output-channel operand, is fused.
+    """
+    from onnx import numpy_helper
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def constant(name, depth=0):
+        """The value of ``name`` when it is a constant, through Identity and Reshape of constants."""
+        if name in constants:
+            return constants[name]
+        node = producers.get(name)
+        if node is None or depth > 4:
+            return None
+        if node.op_type == "Identity":
+            return constant(node.input[0], depth + 1)
+        if node.op_type == "Reshape":
+            data, shape = constant(node.input[0], depth + 1), constant(node.input[1], depth + 1)
+            if data is not None and shape is not None:
+                return data.reshape([int(d) for d in shape])
+        return None
+
+    fused, dead = 0, set()
+    for conv in [n for n in graph.node if n.op_type == "Conv" and len(n.input) >= 2]:
+        out = conv.output[0]
+        users = consumers.get(out, [])
+        if out in graph_outputs or len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        value = constant(other)
+        weight = constant(conv.input[1])
+        if value is None or weight is None or value.ndim > 4 or value.size != weight.shape[0]:
+            continue
+        padded = [1] * (4 - value.ndim) + list(value.shape)
+        if padded != [1, weight.shape[0], 1, 1]:
+            continue  # not one value per output channel
+        bias = value.reshape([-1]).astype(weight.dtype)
+        if len(conv.input) > 2 and conv.input[2]:
+            old = constant(conv.input[2])
+            if old is None:
+                continue
+            bias = bias + old
+        name = f"{conv.output[0]}.bias"
+        graph.initializer.append(numpy_helper.from_array(bias, name))
+        del conv.input[2:]
+        conv.input.append(name)
+        conv.output[0] = add.output[0]
+        dead.add(id(add))
+        fused += 1
+    if fused:
+        keep = [n for n in graph.node if id(n) not in dead]
+        used = {name for n in keep for name in n.input} | graph_outputs
+        for _ in range(3):  # the bias's Reshape, then its Identity and Constant inputs, lose their last use
+            keep = [n for n in keep
+                    if n.op_type not in ("Reshape", "Identity", "Constant") or any(o in used for o in n.output)]
+            used = {name for n in keep for name in n.input} | graph_outputs
+        del graph.node[:]
+        graph.node.extend(keep)
+    return fused
 
 
 def node_counts(onnx_path: str) -> Dict[str, int]:

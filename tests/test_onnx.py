@@ -23,6 +23,13 @@ def test_export_with_onnx(tmp_path):
     path = os.path.join(result.directory, onnx_support.ONNX_FILE)
     nodes = onnx_support.node_counts(path)
     assert nodes.get("BatchNormalization", 0) == 0 and nodes.get("If", 0) == 0 and nodes["Conv"] == 86
+    # paddle2onnx writes each conv bias as Reshape + Add; ppfuse puts it back into the Conv (the check
+    # below compares ONNX Runtime on that graph with Paddle Inference)
+    import onnx
+    model = onnx.load(path)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert sum(len(n.input) == 3 for n in convs) >= 80 and nodes["Add"] < 20, nodes
+    assert onnx_support.fuse_conv_bias_adds(model) == 0  # nothing left to fuse
     image, scale = export.sample_inputs([320, 320], 1, 9)
     ok, how = onnx_support.check_against_paddle(result.directory, path, {"image": image.numpy(),
                                                                          "scale_factor": scale.numpy()},
@@ -55,3 +62,4 @@ def test_fold_batch_norms_in_a_foreign_onnx_model(tmp_path):
     after = onnx_support.run_onnx(onnx_support.session(folded), feeds)[0]
     scale = np.abs(before).max()
     np.testing.assert_allclose(after / scale, before / scale, atol=1e-5, rtol=1e-5)
+
