@@ -203,3 +203,11 @@ def test_accuracy_tool_refuses_an_unknown_runtime_before_training(capsys, tmp_pa
     out = str(tmp_path / "acc")
     expect_error(load_tool("accuracy_parity"), ["--runtimes", "paddle", "tensorflow", "--output_dir", out], capsys,
                  r"^error: --runtime tensorflow: use one of paddle, onnxruntime, openvino", out)
+
+
+def test_onednn_off_on_an_export_of_the_onednn_bias_form_says_which_export_to_use(raw_export, capsys):
+    directory = raw_export[0]
+    runtime.load(directory, "paddle", runtime.RuntimeOptions(onednn=False))
+    assert "export with --conv_bias channel_add" in capsys.readouterr().err
+    runtime.load(directory, "paddle", runtime.RuntimeOptions())
+    assert "channel_add" not in capsys.readouterr().err

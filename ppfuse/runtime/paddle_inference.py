@@ -84,6 +84,11 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None):
                 config.enable_onednn_bfloat16()
         else:
             config.disable_onednn()
+            if (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv":
+                # measured 2026-11-26 (README, Benchmark): 1.19x the ppdet path at batch 2 on s, 1.08x on l
+                print(f"WARNING: {model_dir} keeps conv biases in the form oneDNN fuses; with oneDNN off, "
+                      "Paddle's own kernels add them slowly at batch > 1 -- for that path export with "
+                      "--conv_bias channel_add", file=sys.stderr)
     for name in options.delete_passes:
         if options.device == "cpu" and options.onednn and name in UNSAFE_TO_DELETE_WITH_ONEDNN:
             print(f"WARNING: deleting {name} with oneDNN on: Paddle {paddle.__version__} then gives wrong "
