@@ -48,7 +48,7 @@ import paddle.nn as nn
 from . import dataflow, layers
 from .blocks import ConvBN, QARepVggBlock, RepVggBlock
 from .errors import ConversionError, Unconvertible, VerificationError
-from .verify import VerificationResult, flatten_outputs, judge
+from .verify import VerificationResult, flatten_outputs, float64_copy, judge
 
 
 @dataclass
@@ -590,15 +590,9 @@ def _run(model: nn.Layer, inputs: Sequence) -> Dict[str, np.ndarray]:
 
 def _run_float64(model: nn.Layer, inputs: Sequence) -> Dict[str, np.ndarray]:
     """``model`` evaluated in float64 on a copy: tells fp32 rounding from a conversion error."""
-    model64 = copy.deepcopy(model)
-    model64.to(dtype="float64")
-    for layer in [model64] + model64.sublayers():  # precomputed tensors that are not parameters
-        for key, value in list(vars(layer).items()):
-            if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16):
-                setattr(layer, key, value.astype("float64"))
     cast = [x.astype("float64") if isinstance(x, paddle.Tensor) and x.dtype in (paddle.float32, paddle.float16)
             else x for x in inputs]
-    return _run(model64, cast)
+    return _run(float64_copy(model), cast)
 
 
 def _scaled(outputs: Dict[str, np.ndarray], scales: Dict[str, float]) -> Dict[str, np.ndarray]:

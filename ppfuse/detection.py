@@ -353,15 +353,9 @@ class DetectorForInference(nn.Layer):
 def raw_outputs_float64(model: nn.Layer, image, scale_factor):
     """Boxes and scores (before NMS) of ``model`` evaluated in float64 on a copy: the reference
     that tells fp32 rounding from conversion error. ``model`` itself is left as it is."""
-    import copy
-    model64 = copy.deepcopy(model)
-    model64.to(dtype="float64")
-    head = model64.yolo_head
-    for name in ("anchor_points", "stride_tensor"):  # precomputed for eval_size, not parameters
-        if isinstance(getattr(head, name, None), paddle.Tensor):
-            setattr(head, name, getattr(head, name).astype("float64"))
+    from .verify import float64_copy
     with paddle.no_grad():
-        boxes, scores = DetectorForInference(model64, with_nms=False)(image.astype("float64"),
+        boxes, scores = DetectorForInference(float64_copy(model), with_nms=False)(image.astype("float64"),
                                                                       scale_factor.astype("float64"))
     return boxes.numpy(), scores.numpy()
 

@@ -195,11 +195,12 @@ def checked_kernel(kernel_bias: kernels.KernelBias, where: str) -> kernels.Kerne
 
 
 def fold_into(kernel_bias: kernels.KernelBias, bn: nn.Layer, where: str, transposed: bool = False,
-              groups: int = 1) -> kernels.KernelBias:
+              groups: int = 1, stats: Optional[BatchNormStats] = None) -> kernels.KernelBias:
     """``bn`` applied after a conv given by its kernel and bias, as one conv: the BatchNorm is validated
-    (:func:`batch_norm_stats`), folded by :func:`ppfuse.kernels.fold_bn`, the result checked finite in its
-    dtype, and the BatchNorm asked whether it really normalizes with its running statistics."""
-    stats = batch_norm_stats(bn, where, probe=False)
+    (:func:`batch_norm_stats`, unless its ``stats`` are given), folded by :func:`ppfuse.kernels.fold_bn`,
+    the result checked finite in its dtype, and the BatchNorm asked whether it really normalizes with its
+    running statistics."""
+    stats = stats or batch_norm_stats(bn, where, probe=False)
     kernel, bias = kernel_bias
     folded = checked_kernel(kernels.fold_bn(kernel, bias, stats.running_mean, stats.running_var, stats.gamma,
                                             stats.beta, stats.epsilon, transposed=transposed, groups=groups),
@@ -212,7 +213,7 @@ def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[
     """Kernel and bias of ``bn(conv(x))`` as one conv (after checking both layers compute what they say).
 
     ``where`` names the BatchNorm, ``conv_where`` the conv (default: ``where``)."""
-    batch_norm_stats(bn, where, probe=False)
+    stats = batch_norm_stats(bn, where, probe=False)  # a broken BatchNorm is an error before any leaving
     check_conv(conv, conv_where or where)
     if channel_last(conv) != channel_last(bn):
         raise Unconvertible(f"{_where(where, bn)}: data format {getattr(bn, '_data_format', None) or bn._data_layout} "
@@ -222,7 +223,7 @@ def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[
         raise Unconvertible(f"{_where(where, bn)}: BatchNorm has {bn._mean.shape[0]} channels "
                             f"but the conv before it gives {conv._out_channels}; left unfolded")
     return fold_into(conv_kernel_bias(conv), bn, where, transposed=isinstance(conv, TRANSPOSED_CONVS),
-                     groups=conv._groups)
+                     groups=conv._groups, stats=stats)
 
 
 def bn_as_kernel(bn: nn.Layer, where: str, groups: int = 1, kernel_size=1, ndim: int = 2) -> kernels.KernelBias:
@@ -230,7 +231,7 @@ def bn_as_kernel(bn: nn.Layer, where: str, groups: int = 1, kernel_size=1, ndim:
     stats = batch_norm_stats(bn, where, probe=False)
     identity = kernels.identity_kernel(stats.running_mean.shape[0], groups, kernel_size, ndim,
                                        dtype=stats.running_mean.dtype)
-    return fold_into((identity, None), bn, where)
+    return fold_into((identity, None), bn, where, stats=stats)
 
 
 def channel_scale(alpha: paddle.Tensor, channels: int, where: str) -> paddle.Tensor:

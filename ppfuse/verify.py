@@ -5,6 +5,7 @@ outputs differ from the training form beyond tolerance.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -117,6 +118,19 @@ class VerificationResult:
         return {"atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
                 "outputs": [vars(o) | {"shape": list(o.shape)} for o in self.outputs],
                 "float64_check": vars(self.rounding) if self.rounding else None}
+
+
+def float64_copy(model):
+    """A copy of ``model`` computing in float64 -- the reference that tells fp32 rounding from a conversion
+    error. Parameters and buffers are cast by ``Layer.to``; tensors a layer keeps as plain attributes
+    (PP-YOLOE's precomputed ``anchor_points``, ``stride_tensor``) too. ``model`` is left as it is."""
+    model64 = copy.deepcopy(model)
+    model64.to(dtype="float64")
+    for layer in [model64] + model64.sublayers():
+        for key, value in list(vars(layer).items()):
+            if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16):
+                setattr(layer, key, value.astype("float64"))
+    return model64
 
 
 def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:

@@ -6,7 +6,6 @@ never saw -- both signs of the input mean, so both sides of every ``if`` run.
 model, a crash of another kind). ``PPFUSE_ADVERSARIAL_EXAMPLES`` sets the number
 of models (500 in CI, ~20 s; see README for the longer run).
 """
-import copy
 import os
 
 import numpy as np
@@ -17,6 +16,7 @@ from paddle.static import InputSpec
 
 from adversarial_models import models
 from ppfuse import PPFuseError, convert
+from ppfuse.verify import float64_copy
 
 EXAMPLES = int(os.environ.get("PPFUSE_ADVERSARIAL_EXAMPLES", "500"))
 TOLERANCE = 1e-4
@@ -29,10 +29,8 @@ def fresh_inputs(c, seed):
 
 
 def float64_output(model, x):
-    model64 = copy.deepcopy(model)
-    model64.to(dtype="float64")
     with paddle.no_grad():
-        return model64(x.astype("float64")).numpy()
+        return float64_copy(model)(x.astype("float64")).numpy()
 
 
 def assert_equal_or_refused(model, c, **kwargs):
