@@ -20,10 +20,15 @@ conv output or call the BN elsewhere, a hook may rebuild a weight. So:
   included (:mod:`ppfuse.dataflow`); BatchNorms no structure claimed are paired
   by dataflow; then the converted model's outputs are compared with the
   original's and the conversion is refused beyond tolerance;
-* without: a rewrite is also refused when a parent's code reaches into the
+* without (or when ``to_static`` cannot trace the model: ``report.trace_error``
+  says why): a rewrite is also refused when a parent's code reaches into the
   layer other than by calling it (iterating a ``Sequential`` of conv and BN,
   calling ``.conv`` of a registered layer, ...), and the report lists every
   fold as *not confirmed by a trace*.
+
+Layers are found by identity and by the keys they are registered under, never
+by splitting a dotted path: ppdet registers names that contain dots
+(``'upsample.0'``).
 
 Pairing by the order in which sublayers happen to be listed is never done
 (ppdet's ``fuse_utils`` does, and pairs a bare identity BN with the next
@@ -149,6 +154,43 @@ def register_converter(layer_type: type, converter: Optional[Converter] = None, 
     return add if converter is None else add(converter)
 
 
+_CONV_WRAPPERS: Dict[type, str] = {}
+
+
+def register_conv_wrapper(layer_type: type, conv: str) -> None:
+    """Declare that ``layer_type``'s ``forward`` returns the output of its sublayer ``conv`` unchanged.
+
+    ppdet's ``DeformableConvV2`` computes offsets and a mask with one conv and returns what its deformable
+    ``conv_dcn`` gives: a BatchNorm after the wrapper folds into ``conv_dcn`` (the offset conv is not
+    touched). A subclass that overrides ``forward`` is not taken to do the same.
+    """
+    _CONV_WRAPPERS[layer_type] = conv
+
+
+def _wrapper_type(layer: nn.Layer) -> Optional[type]:
+    return next((cls for cls in type(layer).__mro__ if cls in _CONV_WRAPPERS), None)
+
+
+def _output_conv(layer: nn.Layer, name: str, where: str) -> Optional[Tuple[nn.Layer, str, str]]:
+    """``(parent, name, path)`` of the conv whose output is what ``layer``'s sublayer ``name`` returns: the
+    sublayer itself, or the inner conv of a registered wrapper; None when it is neither.
+
+    Raises:
+        Unconvertible: a wrapper whose ``forward`` is not the registered type's.
+    """
+    child = layer._sub_layers.get(name)
+    if layers.is_conv(child):
+        return layer, name, _join(where, name)
+    wrapper_type = _wrapper_type(child)
+    if wrapper_type is None:
+        return None
+    inner = _CONV_WRAPPERS[wrapper_type]
+    if not layers.is_conv(child._sub_layers.get(inner)):
+        return None
+    require_forward(child, wrapper_type, _join(where, name))
+    return child, inner, _join(where, name, inner)
+
+
 def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", replace: bool = False,
                      pairs: Optional[Sequence[Tuple[str, str]]] = None,
                      applies: Optional[Callable[[nn.Layer], bool]] = None) -> None:
@@ -156,15 +198,16 @@ def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", repla
     of ``pairs``), and nothing else uses the conv's output.
 
     The converter folds each pair: the conv becomes a conv with bias and the BN an ``nn.Identity``. A
-    ``bn`` that is not a BatchNorm (GroupNorm, None) is left as it is, and so is a subclass that
+    ``conv`` may also be a layer registered with :func:`register_conv_wrapper` (its inner conv is folded).
+    A ``bn`` that is not a BatchNorm (GroupNorm, None) is left as it is, and so is a subclass that
     overrides ``forward``. ``applies(layer)`` says whether this layer's ``forward`` applies the pairs at
     all (e.g. a norm used only for some ``norm_type``); False leaves it.
     """
     declared = list(pairs) if pairs else [(conv, bn)]
 
     def convert_pairs(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
-        found = [(c, b) for c, b in declared
-                 if layers.is_conv(getattr(layer, c, None)) and layers.is_batch_norm(getattr(layer, b, None))]
+        found = [(c, b) for c, b in declared if layers.is_batch_norm(layer._sub_layers.get(b))
+                 and (layers.is_conv(layer._sub_layers.get(c)) or _wrapper_type(layer._sub_layers.get(c)))]
         if not found:
             return None
         require_forward(layer, layer_type, site.where)
@@ -174,9 +217,12 @@ def register_conv_bn(layer_type: type, conv: str = "conv", bn: str = "bn", repla
         rewrites = []
         for c, b in found:
             try:
-                rewrites.append(fold_rewrite(layer, c, layer, b, _join(site.where, c), _join(site.where, b)))
+                target = _output_conv(layer, c, site.where)
+                if target is not None:
+                    conv_parent, conv_name, conv_path = target
+                    rewrites.append(fold_rewrite(conv_parent, conv_name, layer, b, conv_path, _join(site.where, b)))
             except Unconvertible as exc:
-                site.leave(getattr(layer, b), str(exc))
+                site.leave(layer._sub_layers[b], str(exc))
         return rewrites or None
     convert_pairs.__qualname__ = "conv_bn[" + ", ".join(f"{c}->{b}" for c, b in declared) + "]"
     register_converter(layer_type, convert_pairs, replace=replace)
@@ -207,7 +253,7 @@ def fold_rewrite(conv_parent: nn.Layer, conv_name: str, bn_parent: nn.Layer, bn_
                  conv_path: str, bn_path: str, kind: str = "conv+bn") -> Rewrite:
     """Plan: the conv becomes a conv with bias holding the fold, the BN an ``nn.Identity`` -- wherever
     either layer object sits in the model."""
-    conv_layer, bn_layer = getattr(conv_parent, conv_name), getattr(bn_parent, bn_name)
+    conv_layer, bn_layer = conv_parent._sub_layers[conv_name], bn_parent._sub_layers[bn_name]
     kernel, bias = layers.fold_conv_bn(conv_layer, bn_layer, bn_path, conv_path)
     new_conv = layers.conv_like(conv_layer, kernel, bias)
     identity = nn.Identity()
@@ -282,8 +328,9 @@ def convert_by_method(layer: nn.Layer, site: Site) -> Optional[List[Rewrite]]:
         raise ConversionError(f"{site.where} ({type(layer).__name__}): convert_to_deploy() failed: "
                               f"{type(exc).__name__}: {exc}") from exc
     converted.eval()  # layers it created start in training mode
-    kept = {name for name, sub in converted.named_sublayers() if layers.is_batch_norm(sub)}
-    folded = [sub for name, sub in layer.named_sublayers() if layers.is_batch_norm(sub) and name not in kept]
+    # matched by the keys that lead to each layer (a joined path would confuse 'a.b'/'c' with 'a'/'b.c')
+    kept = {keys for keys, sub in layers.named_paths(converted) if layers.is_batch_norm(sub)}
+    folded = [sub for keys, sub in layers.named_paths(layer) if layers.is_batch_norm(sub) and keys not in kept]
     return [Rewrite(site.where, f"{type(layer).__name__}.convert_to_deploy", lambda: transplant(layer, converted),
                     folded, block=layer, touched=[layer])]
 
@@ -342,45 +389,79 @@ def _method_sources(cls: type) -> Optional[List[Tuple[str, str]]]:
 
 
 _REACHES: Dict[tuple, Optional[str]] = {}
+_LAYER_INTERNALS = frozenset(vars(nn.Layer()))  # _sub_layers, _parameters, hooks, ...: Paddle's own
+
+
+def _aliases(ancestor: nn.Layer, child: nn.Layer) -> Tuple[str, ...]:
+    """Attributes of ``ancestor`` other than Paddle's own that hold ``child`` in a list, tuple or dict:
+    a layer registered under a name that is no identifier (ppdet's TTFFPN adds ``'upsample.0'``) is
+    reached through such a list (``self.upsample_list[i]``)."""
+    found = []
+    for attr, value in vars(ancestor).items():
+        if attr in _LAYER_INTERNALS or not isinstance(value, (list, tuple, dict)):
+            continue
+        items = value.values() if isinstance(value, dict) else value
+        if any(item is child for item in items):
+            found.append(attr)
+    return tuple(sorted(found))
 
 
 def _reaches_into(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) -> Optional[str]:
     """Why ``ancestor``'s code may use ``child`` other than by calling it, else None (cached per classes)."""
-    key = (type(ancestor), name, type(child), holder,
+    aliases = _aliases(ancestor, child)
+    key = (type(ancestor), name, type(child), holder, aliases,
            frozenset(child._sub_layers) | frozenset(child._parameters) | frozenset(child._buffers))
     if key not in _REACHES:
-        _REACHES[key] = _reaches_into_uncached(ancestor, name, child, holder)
+        _REACHES[key] = _reaches_into_uncached(ancestor, name, child, holder, aliases)
     return _REACHES[key]
 
 
-def _reaches_into_uncached(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool) -> Optional[str]:
+def _reaches_into_uncached(ancestor: nn.Layer, name: str, child: nn.Layer, holder: bool,
+                           aliases: Tuple[str, ...] = ()) -> Optional[str]:
     sources = _method_sources(type(ancestor))
     if sources is None:
         return f"the source of {type(ancestor).__name__} cannot be read to see how it uses '{name}'"
-    if not name.isidentifier():
-        return None
     for self_name, source in sources:
         for generic in _GENERIC_ACCESS:
             if re.search(rf"\b{self_name}\.{generic}\b", source):
                 return f"{type(ancestor).__name__} walks its sublayers generically ({self_name}.{generic})"
-        for match in re.finditer(rf"\b{self_name}\.{re.escape(name)}\b", source):
-            before, after = source[:match.start()], source[match.end():]
-            if re.match(r"\s*\(", after) or _only_tested(before, after):
-                continue
-            attribute = re.match(r"\s*\.\s*(\w+)", after)
-            if attribute is not None:
-                attribute = attribute.group(1)
-                if (attribute in child._sub_layers or attribute in child._parameters or attribute in child._buffers
-                        or attribute in _GENERIC_ACCESS):
-                    return f"{type(ancestor).__name__} uses {name}.{attribute} directly"
-                if holder and attribute != "forward" and _own_method(type(child), attribute):
-                    return (f"{type(ancestor).__name__} calls {name}.{attribute}(), a method of "
-                            f"{type(child).__name__} that may return what forward keeps inside")
-                continue
-            if isinstance(child, _CONTAINERS) and not holder:
-                continue  # iterating / indexing a container of composite layers, whose items it calls
-            return f"{type(ancestor).__name__} uses '{name}' other than by calling it (iterates, indexes or keeps it)"
+        if not name.isidentifier() and re.search(rf"\bgetattr\(\s*{self_name}\s*,", source):
+            # 'up.0' can be reached only by getattr, the generic walkers above, or an alias (below)
+            return f"{type(ancestor).__name__} looks up its attributes by name (getattr), and may so reach '{name}'"
+        uses = [re.escape(name)] if name.isidentifier() else []
+        uses += [rf"{re.escape(alias)}\s*\[[^\]]*\]" for alias in aliases]  # self.upsample_list[i]
+        for use in uses:
+            for match in re.finditer(rf"\b{self_name}\.{use}", source):
+                reason = _use_of(source, match, name, child, holder, type(ancestor).__name__)
+                if reason is not None:
+                    return reason
+        for alias in aliases:  # the list itself, not one item: iterated, passed on, kept
+            bare = [m for m in re.finditer(rf"\b{self_name}\.{re.escape(alias)}\b", source)
+                    if not re.match(r"\s*\[", source[m.end():])]
+            if bare and holder:  # as for a container: items of composite layers are called, their code read
+                return (f"{type(ancestor).__name__} uses its list '{alias}', which holds '{name}', other than "
+                        "by calling one item of it")
     return None
+
+
+def _use_of(source: str, match, name: str, child: nn.Layer, holder: bool, owner: str) -> Optional[str]:
+    """Why the use of ``child`` at ``match`` in ``source`` may do more than call it, else None."""
+    before, after = source[:match.start()], source[match.end():]
+    if re.match(r"\s*\(", after) or _only_tested(before, after):
+        return None
+    attribute = re.match(r"\s*\.\s*(\w+)", after)
+    if attribute is not None:
+        attribute = attribute.group(1)
+        if (attribute in child._sub_layers or attribute in child._parameters or attribute in child._buffers
+                or attribute in _GENERIC_ACCESS):
+            return f"{owner} uses {name}.{attribute} directly"
+        if holder and attribute != "forward" and _own_method(type(child), attribute):
+            return (f"{owner} calls {name}.{attribute}(), a method of "
+                    f"{type(child).__name__} that may return what forward keeps inside")
+        return None
+    if isinstance(child, _CONTAINERS) and not holder:
+        return None  # iterating / indexing a container of composite layers, whose items it calls
+    return f"{owner} uses '{name}' other than by calling it (iterates, indexes or keeps it)"
 
 
 def _own_method(cls: type, name: str) -> bool:
@@ -428,7 +509,7 @@ def _confirm(rewrite: Rewrite, tr: dataflow.Trace) -> Optional[str]:
     return None
 
 
-def _plan(model: nn.Layer, tr: Optional[dataflow.Trace]) -> _Plan:
+def _plan(model: nn.Layer, tr: Optional[dataflow.Trace], hint: str = "pass input_spec to confirm it") -> _Plan:
     root = _Root(model)
     rewrites: List[Rewrite] = []
     left: Dict[int, str] = {}
@@ -463,7 +544,7 @@ def _plan(model: nn.Layer, tr: Optional[dataflow.Trace]) -> _Plan:
                 reason = _unvouched(site.chain, rewrite) if tr is None else _confirm(rewrite, tr)
                 if reason is not None:
                     how = "not confirmed by the trace" if tr is not None else \
-                        "not vouched for without a trace (pass input_spec to confirm it)"
+                        f"not vouched for without a trace ({hint})"
                     for bn in rewrite.folded:
                         left.setdefault(id(bn), f"{rewrite.where}: {how}: {reason}")
                     descend = True
@@ -487,7 +568,7 @@ def _plan(model: nn.Layer, tr: Optional[dataflow.Trace]) -> _Plan:
 def _dataflow_rewrites(model: nn.Layer, tr: dataflow.Trace, planned: List[Rewrite],
                        left: Dict[int, str]) -> List[Rewrite]:
     claimed = {id(bn) for r in planned for bn in r.folded}
-    paths = {id(sub): name for name, sub in model.named_sublayers()}
+    paths = {id(sub): layers.path_text(keys) for keys, sub in layers.named_paths(model)}
     pairs, reasons = dataflow.find_pairs(tr, model, claimed)
     rewrites = []
     for pair in pairs:
@@ -513,9 +594,14 @@ def _remaining_batch_norms(model: nn.Layer, planned: List[Rewrite], reasons: Dic
     default = ("no registered structure pairs it with a conv that feeds it; register its parent with "
                "ppfuse.register_conv_bn, a converter with ppfuse.register_converter, or pass input_spec "
                "to pair by dataflow")
-    return {name: reasons.get(id(sub), default)
-            for name, sub in model.named_sublayers()
-            if layers.is_batch_norm(sub) and id(sub) not in removed}
+    remaining: Dict[str, str] = {}
+    for keys, sub in layers.named_paths(model):
+        if layers.is_batch_norm(sub) and id(sub) not in removed:
+            where, n = layers.path_text(keys), 2
+            while where in remaining:  # 'a.b'/'c' and 'a'/'b.c' read alike: both are listed
+                where, n = f"{layers.path_text(keys)} (#{n})", n + 1
+            remaining[where] = reasons.get(id(sub), default)
+    return remaining
 
 
 # -------------------------------------------------------------------------------------- the report
@@ -533,6 +619,7 @@ class ConversionReport:
     seconds: float = 0.0
     verification: Optional[VerificationResult] = None
     seconds_confirming: float = 0.0
+    trace_error: Optional[str] = None
 
     @property
     def counts(self) -> Dict[str, int]:
@@ -548,15 +635,19 @@ class ConversionReport:
 
     @property
     def confirmed_by_trace(self) -> bool:
-        return not self.unconfirmed
+        return self.trace_error is None and not self.unconfirmed
 
     def summary(self) -> str:
         lines = [f"converted {len(self.converted)} layers in {self.seconds:.3f} s, "
                  f"{self.batch_norms_folded} BatchNorm folded, {len(self.remaining_batch_norms)} left"]
+        if self.trace_error is not None:
+            lines.append(f"  {self.trace_error}; so only what the layers' structure vouches for was folded, "
+                         "as without input_spec")
         if self.converted:
+            why = "the trace failed" if self.trace_error is not None else "no input_spec given"
             lines.append(("  every rewrite confirmed by a trace" + (", outputs compared" if self.verification else ""))
                          if self.confirmed_by_trace else
-                         f"  {len(self.unconfirmed)} rewrites not confirmed by a trace (no input_spec given)")
+                         f"  {len(self.unconfirmed)} rewrites not confirmed by a trace ({why})")
         lines += [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
         lines += [f"  BatchNorm left at {where}: {why}" for where, why in self.remaining_batch_norms.items()]
         return "\n".join(lines)
@@ -567,6 +658,7 @@ class ConversionReport:
                 "counts": self.counts, "batch_norms_folded": self.batch_norms_folded,
                 "remaining_batch_norms": dict(self.remaining_batch_norms), "seconds": self.seconds,
                 "seconds_confirming": self.seconds_confirming, "confirmed_by_trace": self.confirmed_by_trace,
+                "trace_error": self.trace_error,
                 "verification": self.verification.to_dict() if self.verification else None}
 
 
@@ -673,7 +765,9 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
 
     With ``input_spec`` or ``example_inputs``, every fold is confirmed against the traced program and the
     converted model's outputs must equal the original's (refused otherwise); without, only what the layers'
-    code vouches for is folded, and the report says which folds no trace confirmed.
+    code vouches for is folded, and the report says which folds no trace confirmed. When ``to_static``
+    cannot trace the model, the conversion goes on as without ``input_spec`` and ``report.trace_error``
+    says why (the original error and the layer where it arose).
 
     Args:
         model: any ``paddle.nn.Layer``, in eval mode.
@@ -696,7 +790,7 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
 
     Raises:
         ConversionError: a layer in training mode, broken BN statistics, a failing ``convert_to_deploy``,
-            a model that cannot be traced, or (``strict``) BatchNorm left.
+            or (``strict``) BatchNorm left.
         VerificationError: the converted model's outputs differ (with a spec or examples).
         The model is unchanged when either is raised.
     """
@@ -711,20 +805,38 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
         _PLACES.clear()  # it refers to the working copy
 
 
+def _trace_failure(exc: dataflow.TraceError, model: nn.Layer) -> str:
+    """Why the trace failed, as the report gives it: the original error and where in ``model`` it arose."""
+    where = ""
+    if exc.layer is model:
+        where = f" in {type(model).__name__}.forward"
+    elif exc.layer is not None:
+        paths = {id(sub): layers.path_text(keys) for keys, sub in layers.named_paths(model)}
+        where = (f" in {paths[id(exc.layer)]} ({type(exc.layer).__name__})" if id(exc.layer) in paths
+                 else f" in {type(exc.layer).__name__}.forward")
+    return f"tracing {exc.model_type}.forward with paddle.jit.to_static failed{where}: {exc.cause}"
+
+
 def _convert(model, inplace, strict, input_spec, example_inputs, check, tolerance, forward_with, start):
     work = copy.deepcopy(model)
     wrap = forward_with or (lambda layer: layer)
     confirming = 0.0
-    tr = None
+    tr, trace_error = None, None
     if input_spec is not None:
         tick = time.perf_counter()
-        tr = dataflow.trace(wrap(work), list(input_spec))
+        try:
+            tr = dataflow.trace(wrap(work), list(input_spec))
+        except dataflow.TraceError as exc:
+            # what structure vouches for is still folded, as without input_spec; the report says why not more
+            trace_error = _trace_failure(exc, work)
         confirming += time.perf_counter() - tick
-    plan = _plan(work, tr)
+    plan = _plan(work, tr, "the trace failed, see the report's trace_error" if trace_error else
+                 "pass input_spec to confirm it")
     remaining = _remaining_batch_norms(work, plan.rewrites, plan.left)
     if strict and remaining:
         where, why = next(iter(remaining.items()))
-        raise ConversionError(f"{len(remaining)} BatchNorm would stay unfolded (strict), first {where}: {why}")
+        failed = f" ({trace_error})" if trace_error else ""
+        raise ConversionError(f"{len(remaining)} BatchNorm would stay unfolded (strict), first {where}: {why}{failed}")
     checking = tr is not None and check and plan.rewrites
     if checking:
         tick = time.perf_counter()
@@ -744,7 +856,7 @@ def _convert(model, inplace, strict, input_spec, example_inputs, check, toleranc
     if inplace:
         transplant(model, work)
         result = model
-    report = ConversionReport(result, plan.rewrites, remaining, verification=verification)
+    report = ConversionReport(result, plan.rewrites, remaining, verification=verification, trace_error=trace_error)
     report.seconds = time.perf_counter() - start
     report.seconds_confirming = confirming
     return report

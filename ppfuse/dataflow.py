@@ -9,7 +9,8 @@ against the model traced with ``paddle.jit.to_static`` into a PIR program,
 sub-blocks of ``if``/``while`` ops included:
 
 * a **pair** (conv -> BN) is confirmed when every op using the conv's weight is a
-  conv op with it as filter, every op using the BN's statistics is a
+  conv op with it as filter (``deformable_conv`` too: a BN scales its output
+  channels alike), every op using the BN's statistics is a
   ``batch_norm`` op, each conv op's output (after the conv's own bias ``add``, and
   Conv1D's ``squeeze``) has exactly one consumer, a ``batch_norm`` op of that BN,
   every such BN op is reached this way, and each BN op normalizes with its running
@@ -41,7 +42,9 @@ from . import layers
 from .errors import ConversionError
 
 CONV_OPS = {"conv1d", "conv2d", "conv3d", "depthwise_conv2d", "conv2d_transpose", "conv3d_transpose",
-            "depthwise_conv2d_transpose", "conv1d_transpose"}
+            "depthwise_conv2d_transpose", "conv1d_transpose", "deformable_conv"}
+# operand position of the filter: (x, filter) for a conv op; deformable_conv reads (x, offset, filter, mask)
+_FILTER_OPERAND = {"deformable_conv": 2}
 BN_OPS = {"batch_norm", "sync_batch_norm"}
 # ops a parameter passes through before it reaches its consumer
 _PARAM_PATH_OPS = {"assign", "unsqueeze", "reshape", "squeeze", "cast"}
@@ -52,6 +55,10 @@ _CHANNEL_LAST = {"NHWC", "NLC", "NDHWC"}
 
 def _op_name(op) -> str:
     return op.name().split(".")[-1].rstrip("_")
+
+
+def _filter_operand(name: str) -> int:
+    return _FILTER_OPERAND.get(name, 1)
 
 
 def _parameter_name(value) -> Optional[str]:
@@ -168,11 +175,61 @@ class Trace:
         return self.uses.get(param.name, []) if param is not None else []
 
 
+class TraceError(ConversionError):
+    """``paddle.jit.to_static`` could not trace the model.
+
+    ``cause`` is the original error as ``"Type: first line of its message"`` (to_static wraps it in a page of
+    transformed code); ``layer`` the innermost layer of the model whose ``forward`` was running when it was
+    raised (None when it was raised outside any).
+    """
+
+    def __init__(self, model: nn.Layer, exc: BaseException):
+        original = _original_error(exc)
+        self.cause = _first_line(original)
+        self.layer = _failing_layer(original, model)
+        self.model_type = type(model).__name__
+        super().__init__(f"tracing {self.model_type}.forward with paddle.jit.to_static failed: {self.cause}")
+
+
+def _original_error(exc: BaseException) -> BaseException:
+    """The error raised in the model: to_static re-raises it as a new one of the same type ``from None``."""
+    from paddle.jit.dy2static import error as dy2static_error
+    context = exc.__context__
+    if exc.__suppress_context__ and context is not None and hasattr(context, dy2static_error.ERROR_DATA):
+        return context
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """``"Type: first line"`` of an error; Paddle's C++ errors put theirs after "Error Message Summary"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip().strip("-")]
+    if "Error Message Summary:" in lines and lines.index("Error Message Summary:") + 1 < len(lines):
+        lines = lines[lines.index("Error Message Summary:") + 1:]
+    elif lines and lines[0] == "In transformed code:":  # not unwrapped: its own summary is the last error line
+        lines = [next((line for line in reversed(lines) if "Error" in line), lines[-1])]
+    line = lines[0][:300] if lines else ""
+    name = type(exc).__name__
+    return line if line.startswith(name) else f"{name}: {line}" if line else name
+
+
+def _failing_layer(exc: BaseException, model: nn.Layer) -> Optional[nn.Layer]:
+    """The innermost layer of ``model`` (or ``model`` itself) whose method was running when ``exc`` was raised."""
+    inside = {id(model)} | {id(sub) for sub in model.sublayers()}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Layer) and id(owner) in inside:
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
 def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Trace:
     """The PIR program of ``model``'s forward for ``input_spec``; ``model`` itself is not changed.
 
     Raises:
-        ConversionError: tracing failed; the message gives to_static's own cause.
+        TraceError: tracing failed; it gives to_static's own cause and the layer where it arose.
+        ConversionError: an ``input_spec`` of no or more than four inputs.
     """
     if not 1 <= len(input_spec) <= len(_WRAPPERS):
         raise ConversionError(f"input_spec has {len(input_spec)} inputs; ppfuse traces models of 1 to "
@@ -183,14 +240,7 @@ def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Tra
         with _fast_dy2static():
             program = static.forward.get_concrete_program(*input_spec)[0].main_program
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        cause = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines
-                     else "")
-        if not cause.startswith(type(exc).__name__):
-            cause = f"{type(exc).__name__}: {cause}"
-        raise ConversionError(f"tracing {type(model).__name__}.forward with paddle.jit.to_static failed: "
-                              f"{cause[:300]}; nothing was converted (a model that "
-                              "to_static cannot trace can be converted without input_spec, unconfirmed)") from None
+        raise TraceError(model, exc) from None
     uses: Dict[str, List[Tuple[object, int]]] = defaultdict(list)
     for op in _all_ops(program.global_block()):
         if op.name() == "builtin.parameter" or _op_name(op) in _PARAM_PATH_OPS:
@@ -243,7 +293,7 @@ def confirm_pair(tr: Trace, conv: nn.Layer, bn: nn.Layer) -> Optional[str]:
     """None when the trace proves ``bn`` consumes ``conv``'s output alone (see the module doc), else why not."""
     conv_uses = tr.ops_using(conv.weight)
     for op, index in conv_uses:
-        if _op_name(op) not in CONV_OPS or index != 1:
+        if _op_name(op) not in CONV_OPS or index != _filter_operand(_op_name(op)):
             return f"the conv's weight is also used by a '{_op_name(op)}' op, not only as a conv filter"
     bn_params = {key: getattr(bn, key, None) for key in _BN_OPERANDS}
     bn_ops = {op.id(): op for op, index in tr.ops_using(bn_params["_mean"])}
@@ -296,7 +346,7 @@ def confirm_pair(tr: Trace, conv: nn.Layer, bn: nn.Layer) -> Optional[str]:
 
 def leaf_layers(layer: nn.Layer) -> List[Tuple[str, nn.Layer]]:
     """Sublayers of ``layer`` that hold parameters of their own."""
-    return [(name, sub) for name, sub in layer.named_sublayers()
+    return [(layers.path_text(keys), sub) for keys, sub in layers.named_paths(layer)
             if any(p is not None for p in sub._parameters.values())]
 
 
@@ -305,7 +355,8 @@ def confirm_block(tr: Trace, block: nn.Layer) -> Optional[str]:
     counts = {}
     for name, sub in leaf_layers(block):
         key = next(p for p in sub._parameters.values() if p is not None)
-        counts[name] = len({op.id() for op, _ in tr.ops_using(key)})
+        counts[name if name not in counts else f"{name} (#{len(counts)})"] = len(
+            {op.id() for op, _ in tr.ops_using(key)})
     if len(set(counts.values())) > 1:
         most = max(counts, key=counts.get)
         least = min(counts, key=counts.get)
@@ -357,7 +408,7 @@ def _producer_conv(value, owners) -> Tuple[Optional[nn.Layer], Optional[str]]:
         if name == "data":
             return None, "its input is a model input, not a conv"
         if name in CONV_OPS:
-            conv = owners.get(_parameter_name(op.operand_source(1)))
+            conv = owners.get(_parameter_name(op.operand_source(_filter_operand(name))))
             if conv is None or not layers.is_conv(conv):
                 return None, "the conv before it has no weight parameter of the model (a computed weight)"
             return conv, None

@@ -30,11 +30,12 @@ import paddle
 import paddle.nn as nn
 import yaml
 
-from . import checkpoint, layers
+from . import checkpoint, detectors, layers
 from .convert import ConversionReport, convert
+from .detectors import DetectorForInference  # noqa: F401  (its home before ppfuse.detectors)
 from .errors import CheckpointError, ConfigError
 
-SUPPORTED_ARCHITECTURES = ("PPYOLOE", "YOLOv3")
+SUPPORTED_ARCHITECTURES = ("PPYOLOE", "YOLOv3", "PicoDet", "RetinaNet", "DETR")  # examples for messages
 
 
 def _workspace():
@@ -291,68 +292,9 @@ def swap_rep_blocks(model: nn.Layer, switch: RepBlockSwitch, where: str = "") ->
     return len(replaced)
 
 
-class DetectorForInference(nn.Layer):
-    """``(image, scale_factor)`` -> ``(bbox, bbox_num)`` after NMS, or ``(boxes, scores)`` before it.
-
-    ``bbox`` rows are ``[class, score, x1, y1, x2, y2]`` in original-image
-    pixels, as ppdet's exported models give them.
-
-    ``topk_before_nms`` hands NMS each class's ``nms_top_k`` best boxes only,
-    as separate box sets (scores block-diagonal, zero elsewhere). Paddle's
-    ``multiclass_nms3`` does that selection itself, so detections are the same;
-    ONNX ``NonMaxSuppression`` (what paddle2onnx makes of it) does not, and
-    without it spent 80% of ONNX Runtime's time on PP-YOLOE+ s.
-    """
-
-    def __init__(self, model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False):
-        super().__init__()
-        for part in ("backbone", "neck", "yolo_head"):
-            if not hasattr(model, part):
-                raise ConfigError(f"{type(model).__name__} has no '{part}'; ppfuse exports PP-YOLOE-style "
-                                  "detectors (backbone, neck, yolo_head)")
-        self.model = model
-        self.with_nms = with_nms
-        self.topk_before_nms = topk_before_nms
-
-    def raw_outputs(self, image, scale_factor):
-        from ppdet.modeling.bbox_utils import batch_distance2bbox
-        model = self.model
-        feats = model.backbone({"image": image})
-        feats = model.neck(feats, getattr(model, "for_mot", False))
-        scores, distances, anchor_points, stride_tensor = model.yolo_head(feats)
-        boxes = batch_distance2bbox(anchor_points, distances) * stride_tensor
-        scale_y, scale_x = paddle.split(scale_factor, 2, axis=-1)
-        scale = paddle.concat([scale_x, scale_y, scale_x, scale_y], axis=-1).reshape([-1, 1, 4])
-        return boxes / scale, scores
-
-    def forward(self, image, scale_factor):
-        boxes, scores = self.raw_outputs(image, scale_factor)
-        if not self.with_nms:
-            return boxes, scores
-        nms = self.model.yolo_head.nms
-        if self.topk_before_nms:
-            boxes, scores = self._per_class_top_k(boxes, scores, nms.nms_top_k)
-        bbox, _, bbox_num = paddle._C_ops.multiclass_nms3(
-            boxes, scores, None, nms.score_threshold, nms.nms_top_k, nms.keep_top_k, nms.nms_threshold,
-            nms.normalized, nms.nms_eta, -1)
-        return bbox, bbox_num
-
-    @staticmethod
-    def _per_class_top_k(boxes, scores, top_k: int):
-        """``boxes [N, A, 4]``, ``scores [N, C, A]`` -> ``[N, C*k, 4]``, ``[N, C, C*k]`` (class c's k boxes only)."""
-        classes, anchors = scores.shape[1], scores.shape[2]
-        k = min(top_k, anchors) if top_k and top_k > 0 else anchors
-        top_scores, index = paddle.topk(scores, k, axis=-1)  # [N, C, k]
-        flat = index.reshape([0, classes * k, 1]).expand([-1, classes * k, 4])
-        per_class_boxes = paddle.take_along_axis(boxes, flat, axis=1)
-        eye = paddle.eye(classes, dtype=scores.dtype).reshape([1, classes, classes, 1])
-        block = (eye * top_scores.unsqueeze(1)).reshape([0, classes, classes * k])
-        return per_class_boxes, block
-
-
 def raw_outputs_float64(model: nn.Layer, image, scale_factor):
-    """Boxes and scores (before NMS) of ``model`` evaluated in float64 on a copy: the reference
-    that tells fp32 rounding from conversion error. ``model`` itself is left as it is."""
+    """Boxes and scores (before NMS) of a PP-YOLOE-style ``model`` evaluated in float64 on a copy: the
+    reference that tells fp32 rounding from conversion error. ``model`` itself is left as it is."""
     from .verify import float64_copy
     with paddle.no_grad():
         boxes, scores = DetectorForInference(float64_copy(model), with_nms=False)(image.astype("float64"),
@@ -361,7 +303,8 @@ def raw_outputs_float64(model: nn.Layer, image, scale_factor):
 
 
 def sample_inputs(size: List[int], batch: int = 1, seed: int = 0):
-    """Generated images in [0, 1] at the export size, and scale factors of 1."""
+    """Generated images in [0, 1] at the export size, and scale factors of 1 (PP-YOLOE style's inputs;
+    any detector's: :func:`ppfuse.detectors.sample_inputs`)."""
     rng = np.random.RandomState(seed)
     image = paddle.to_tensor(rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"))
     scale = paddle.to_tensor(np.ones((batch, 2), "float32"))
@@ -400,6 +343,11 @@ def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], sourc
                           "trained with")
 
 
+def weights_file_exists(weights: str) -> bool:
+    """Is there a checkpoint at ``weights`` (with or without its ``.pdparams``)?"""
+    return os.path.isfile(weights) or os.path.isfile(weights + ".pdparams")
+
+
 def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: Optional[bool] = None,
                 seed: int = 0, strict: bool = False, check: bool = True) -> BuiltModel:
     """Build the model of ``config`` with its weights, in deploy form when ``deploy: true``.
@@ -424,9 +372,10 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     training_model = build_training_model(config)
     if not weights:
         layers.randomize(training_model, seed)
-        image, scale = sample_inputs(config.input_size(), 2, seed)
-        detector = DetectorForInference(training_model, with_nms=False)
-        layers.calibrate_batch_norms(training_model, lambda: detector(image, scale))
+        inputs = detectors.sample_inputs(training_model, config.input_size(), 2, seed, with_nms=False)
+        detector = detectors.wrapper_for(training_model, with_nms=False)
+        with detectors.ppdet_failures(training_model):
+            layers.calibrate_batch_norms(training_model, lambda: detector(*inputs))
         form = "random"
     else:
         path = weights if weights.endswith(".pdparams") or os.path.exists(weights) else weights + ".pdparams"
@@ -443,9 +392,12 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     if not deploy:
         return BuiltModel(training_model, training_model, form)
     size = config.input_size()
-    report = convert(training_model, strict=strict, input_spec=detector_input_spec(size),
-                     example_inputs=sample_inputs(size, 1, seed), check=check,
-                     forward_with=lambda model: DetectorForInference(model, with_nms=False))
+    with detectors.traceable(training_model):
+        report = convert(training_model, strict=strict,
+                         input_spec=detectors.input_spec(training_model, size, with_nms=False),
+                         example_inputs=detectors.sample_inputs(training_model, size, 1, seed, with_nms=False),
+                         check=check,
+                         forward_with=lambda model: detectors.wrapper_for(model, with_nms=False))
     return BuiltModel(report.model, training_model, form, report)
 
 

@@ -35,6 +35,10 @@ class ConfigError(PPFuseError):
     """A config file or override that cannot be used."""
 
 
+class ModelError(ConfigError):
+    """The model the config builds cannot run here: ppdet's own forward fails (on this Paddle)."""
+
+
 class CheckpointError(PPFuseError):
     """A checkpoint that cannot be read or does not fit the model."""
 

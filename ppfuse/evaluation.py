@@ -89,15 +89,17 @@ def dataset_split(config: DetectionConfig, key: str) -> DatasetSplit:
     return DatasetSplit(dataset.dataset_dir, dataset.image_dir, dataset.anno_path)
 
 
-def _split_is_complete(split: DatasetSplit, count: int) -> bool:
+def _split_is_complete(split: DatasetSplit, count: int, variant: str = "easy") -> bool:
     if not os.path.isfile(split.annotations):
         return False
     try:
         with open(split.annotations) as f:
-            images = json.load(f).get("images", [])
-    except (OSError, ValueError):
+            data = json.load(f)
+        images = data.get("images", [])
+        written = (data.get("info") or {}).get("ppfuse_shapes_variant", "easy")
+    except (OSError, ValueError, AttributeError):
         return False
-    return len(images) == count and all(os.path.isfile(os.path.join(split.images, im["file_name"]))
+    return written == variant and len(images) == count and all(os.path.isfile(os.path.join(split.images, im["file_name"]))
                                         for im in images)
 
 
@@ -109,11 +111,21 @@ def ensure_shapes_dataset(config: DetectionConfig, train_images: int, val_images
     another number of images, or names an image that is not on disk; the
     images are drawn from the seed, so a rewrite gives the same data.
 
+    The config's ``shapes_variant`` (``easy``, the default, or ``hard``: eight classes, small, overlapping,
+    low-contrast objects) says which data; a split written as another variant is rewritten.
+
     Raises:
         ConfigError: a dataset path that is not the layout ``ppfuse.shapes``
-            writes (``<dir>/<split>/`` and ``<dir>/annotations/instances_<split>.json``).
+            writes (``<dir>/<split>/`` and ``<dir>/annotations/instances_<split>.json``), an unknown
+            variant, or a ``num_classes`` that is not the variant's.
     """
-    from .shapes import write_split
+    from .shapes import VARIANTS, write_split
+    variant = config.get("shapes_variant", "easy")
+    if variant not in VARIANTS:
+        raise ConfigError(f"{config.path}: shapes_variant is {variant!r}; use one of {', '.join(VARIANTS)}")
+    if config.get("num_classes") not in (None, len(VARIANTS[variant])):
+        raise ConfigError(f"{config.path}: num_classes is {config.get('num_classes')}, but the {variant} shapes "
+                          f"data has {len(VARIANTS[variant])} classes; set num_classes: {len(VARIANTS[variant])}")
     for key, count, seed in (("TrainDataset", train_images, train_seed), ("EvalDataset", val_images, val_seed)):
         if count < 1:
             raise ConfigError(f"{key}: {count} images asked for; give at least 1 (--train_images/--val_images)")
@@ -123,12 +135,12 @@ def ensure_shapes_dataset(config: DetectionConfig, train_images: int, val_images
             raise ConfigError(f"{config.path}: {key}.anno_path is {split.anno_path!r}, but a generated shapes "
                               f"split '{split.image_dir}' has {expected!r}; fix the config or point it at "
                               "another dataset")
-        if _split_is_complete(split, count):
-            log(f"dataset: {split.annotations} ({count} images) is there")
+        if _split_is_complete(split, count, variant):
+            log(f"dataset: {split.annotations} ({count} {variant} images) is there")
             continue
         start = time.perf_counter()
-        write_split(split.dataset_dir, split.image_dir, count, seed)
-        log(f"dataset: wrote {count} images to {split.images}/ and {split.annotations} (seed {seed}, "
+        write_split(split.dataset_dir, split.image_dir, count, seed, variant=variant)
+        log(f"dataset: wrote {count} {variant} images to {split.images}/ and {split.annotations} (seed {seed}, "
             f"{time.perf_counter() - start:.1f} s)")
 
 

@@ -35,16 +35,16 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from . import checkpoint, layers
+from . import checkpoint, detectors, layers
 from .detection import (BuiltModel, DetectionConfig, DetectorForInference, build_model,  # noqa: F401
                         detector_input_spec, raw_outputs_float64, sample_inputs)
 from .errors import ConfigError, ExportError, VerificationError
 from .export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, ONNX_FILE, REPORT_FILE,  # noqa: F401
                             program_file, require_paddle_3)
-from .verify import VerificationResult, judge
+from .verify import VerificationResult, compare, judge
 
-COUNTED_OPS = ("conv2d", "depthwise_conv2d", "batch_norm", "add", "add_tensors", "if", "nearest_interp",
-               "multiclass_nms3")
+COUNTED_OPS = ("conv2d", "depthwise_conv2d", "deformable_conv", "conv2d_transpose", "batch_norm", "add",
+               "add_tensors", "if", "nearest_interp", "multiclass_nms3", "matrix_nms")
 
 # whole-model tolerance of the export check, on boxes / input size and scores (both O(1)).
 # Measured fp32 differences: ~1e-5 (PP-YOLOE+ s, 320); the fp32 training form itself is
@@ -53,52 +53,97 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
-def nearest_upsample(x, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
-                     data_format="NCHW", name=None):
-    """``F.interpolate`` with nearest x-integer upsampling written as reshape+expand+reshape.
+_INTERPOLATE = F.interpolate
+_LEAKY_RELU = F.leaky_relu
 
-    ``out[i, j] = in[i // s, j // s]`` exactly, so the result is bit-identical;
-    anything else goes to ``F.interpolate`` unchanged.
+
+def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align_corners=False, align_mode=0,
+                     data_format=None, name=None, **more):
+    """``F.interpolate`` with nearest x-integer upsampling written as reshape+expand+reshape, and bilinear
+    x2 (half-pixel) as slices and weighted sums (:func:`_bilinear_x2`): oneDNN fails on both interp ops.
+
+    Nearest: ``out[i, j] = in[i // s, j // s]`` exactly, so the result is bit-identical; an integer ``size``
+    that is the same integer multiple of a static input height and width counts as that factor. Bilinear:
+    the kernel's weights in its order (equal up to fp32 rounding at the borders; verified with the rest of
+    the export). Anything else goes to ``F.interpolate`` unchanged.
     """
+    # recompute_scale_factor changes nothing for an integer factor (nn.Upsample passes None)
+    plain = {k: v for k, v in more.items() if not (k == "recompute_scale_factor" or (k == "antialias" and not v))}
+    if x is None or plain:  # Paddle 3's other spellings (input=, antialias=True)
+        return _INTERPOLATE(*(() if x is None else (x,)), size=size, scale_factor=scale_factor, mode=mode,
+                            align_corners=align_corners, **more)
+    data_format = data_format or "NCHW"
     factor = scale_factor
     if isinstance(factor, (list, tuple)) and len(set(factor)) == 1:
         factor = factor[0]
+    if factor is None and isinstance(size, (list, tuple)) and len(size) == 2 and len(x.shape) == 4 \
+            and all(isinstance(v, int) for v in size) and all(isinstance(v, int) and v > 0 for v in x.shape[2:]) \
+            and size[0] % x.shape[2] == 0 and size[0] // x.shape[2] == size[1] / x.shape[3]:
+        factor, size = size[0] // x.shape[2], None
+    if (mode == "bilinear" and size is None and data_format == "NCHW" and not align_corners and align_mode == 0
+            and isinstance(factor, (int, float)) and float(factor) == 2.0):
+        return _bilinear_x2(_bilinear_x2(x, 3), 2)
     if (mode != "nearest" or size is not None or data_format != "NCHW" or not isinstance(factor, (int, float))
             or float(factor) != int(factor) or int(factor) < 1):
-        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
-                             align_mode=align_mode, data_format=data_format, name=name)
+        return _INTERPOLATE(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
+                            align_mode=align_mode, data_format=data_format, name=name)
     s = int(factor)
     y = x.unsqueeze([3, 5]).expand([-1, -1, -1, s, -1, s]) if s > 1 else x
     return y.flatten(4, 5).flatten(2, 3) if s > 1 else y
 
 
-class _FunctionalWithExactUpsample:
-    """``paddle.nn.functional`` with ``interpolate`` replaced by :func:`nearest_upsample`."""
+def _bilinear_x2(x, axis: int):
+    """Bilinear x2 upsampling (half-pixel centres: ``align_corners=False, align_mode=0``) along one axis of
+    an NCHW tensor: output ``2i`` is ``0.25 x[i-1] + 0.75 x[i]``, ``2i+1`` is ``0.75 x[i] + 0.25 x[i+1]``, the
+    border repeated -- the weights and order of Paddle's kernel (which interpolates along W, then H)."""
+    n = x.shape[axis]
+    first = paddle.slice(x, [axis], [0], [1])
+    last = paddle.slice(x, [axis], [n - 1], [n])
+    padded = paddle.concat([first, x, last], axis=axis)
+    left = paddle.slice(padded, [axis], [0], [n])
+    right = paddle.slice(padded, [axis], [2], [n + 2])
+    even = left * 0.25 + x * 0.75
+    odd = x * 0.75 + right * 0.25
+    out = paddle.stack([even, odd], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] = 2 * n
+    return out.reshape([-1 if i == 0 else s for i, s in enumerate(shape)])
 
-    interpolate = staticmethod(nearest_upsample)
 
-    def __getattr__(self, name):
-        return getattr(F, name)
+def leaky_relu_as_maximum(x, negative_slope=0.01, name=None):
+    """``F.leaky_relu`` for a slope in [0, 1] written as ``maximum(x, slope * x)``: the same value bit for
+    bit (``x`` where ``x > 0``, else ``slope * x``). Paddle 3.3.1's oneDNN conv + leaky_relu fusion crashes
+    (segmentation fault in ``FusedConv2dOp::Build``: DarkNet, PP-YOLO, YOLOv3, TTFNet)."""
+    slope = float(negative_slope)
+    if not 0.0 <= slope <= 1.0:
+        return _LEAKY_RELU(x, negative_slope, name)
+    return paddle.maximum(x, x * slope)
 
 
 @contextlib.contextmanager
-def onednn_friendly_upsample():
-    """While tracing, make ppdet's necks call :func:`nearest_upsample` for ``F.interpolate``."""
-    import importlib
-    patched = []
-    for module_name in ("ppdet.modeling.necks.custom_pan", "ppdet.modeling.necks.yolo_fpn"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if getattr(module, "F", None) is F:
-            module.F = _FunctionalWithExactUpsample()
-            patched.append(module)
+def _patched(attributes):
+    """Set ``(object, name, value)`` attributes for the duration; put the old ones back."""
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in attributes]
+    for owner, attr, value in attributes:
+        setattr(owner, attr, value)
     try:
         yield
     finally:
-        for module in patched:
-            module.F = F
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def onednn_friendly_upsample():
+    """While tracing, every ``F.interpolate`` (and ``F.upsample``, ``nn.Upsample``) call goes through
+    :func:`nearest_upsample`: oneDNN's ``nearest_interp`` fails in Paddle 3.3.1."""
+    from paddle.nn.functional import common
+    return _patched([(F, "interpolate", nearest_upsample), (common, "interpolate", nearest_upsample)])
+
+
+def onednn_friendly_leaky_relu():
+    """While tracing, ``F.leaky_relu`` (and ``nn.LeakyReLU``) is :func:`leaky_relu_as_maximum`."""
+    from paddle.nn.functional import activation
+    return _patched([(F, "leaky_relu", leaky_relu_as_maximum), (activation, "leaky_relu", leaky_relu_as_maximum)])
 
 
 def _conv2d_bias_per_channel(self, x):
@@ -175,6 +220,7 @@ def deploy_rewrites(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True):
         raise ExportError(f"conv_bias {conv_bias!r}: use one of {', '.join(CONV_BIAS_FORMS)}")
     with contextlib.ExitStack() as stack:
         stack.enter_context(onednn_friendly_upsample())
+        stack.enter_context(onednn_friendly_leaky_relu())
         if ese_pool:
             stack.enter_context(onednn_friendly_ese())
         if conv_bias == "channel_add":
@@ -184,7 +230,8 @@ def deploy_rewrites(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True):
 
 def rewrites_report(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True) -> Dict[str, str]:
     """What :func:`deploy_rewrites` wrote, for ``ppfuse_report.json``."""
-    return {"nearest_upsample": "reshape+expand+reshape",
+    return {"nearest_upsample": "reshape+expand+reshape", "leaky_relu": "maximum(x, slope * x)",
+            "bilinear_x2": "slices and weighted sums",
             "ese_mean": "adaptive_avg_pool2d" if ese_pool else "mean",
             "conv_bias": conv_bias}
 
@@ -192,13 +239,48 @@ def rewrites_report(conv_bias: str = DEFAULT_CONV_BIAS, ese_pool: bool = True) -
 def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True,
                          topk_before_nms: bool = False, conv_bias: str = DEFAULT_CONV_BIAS,
                          ese_pool: bool = True) -> None:
-    """Trace ``model`` (a PP-YOLOE-style detector in eval mode) under :func:`deploy_rewrites` and
-    ``paddle.jit.save`` it."""
-    wrapper = DetectorForInference(model, with_nms, topk_before_nms)
-    wrapper.eval()
-    with deploy_rewrites(conv_bias, ese_pool):
-        static = paddle.jit.to_static(wrapper, input_spec=detector_input_spec(size), full_graph=True)
+    """Trace ``model`` (a ppdet detector in eval mode, run by :func:`ppfuse.detectors.wrapper_for`) under
+    :func:`deploy_rewrites` and ``paddle.jit.save`` it.
+
+    A detector that does not use all of ``image, im_shape, scale_factor`` (``paddle.jit.save`` refuses an
+    input no output depends on) is traced again with the ones it uses.
+    """
+    names = detectors.input_names(model, size, with_nms)
+    with deploy_rewrites(conv_bias, ese_pool), detectors.traceable(model):
+        while True:
+            wrapper = detectors.wrapper_for(model, with_nms, topk_before_nms, names)
+            wrapper.eval()
+            static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, with_nms, names),
+                                          full_graph=True)
+            used = _inputs_used(static.forward.concrete_program)
+            if used == names:
+                break
+            names = used
         paddle.jit.save(static, path_prefix)
+
+
+def _inputs_used(concrete) -> tuple:
+    """Names of the traced inputs some output depends on (ops inside if/loop regions count as using
+    everything they read)."""
+    needed, stack, seen = set(), list(concrete.outputs), set()
+    while stack:
+        value = stack.pop()
+        if value is None or not value.initialized() or value.id in seen:  # (an optional operand left out)
+            continue
+        seen.add(value.id)
+        op = value.get_defining_op()
+        if op is None:
+            continue
+        if op.name() == "pd_op.data":
+            needed.add(op.attrs().get("name"))
+            continue
+        ops = [op]
+        while ops:
+            current = ops.pop()
+            stack.extend(current.operands_source())
+            for block in current.blocks():
+                ops.extend(block.ops)
+    return tuple(name for name in ("image", "im_shape", "scale_factor") if name in needed)
 
 
 def count_ops(model_dir: str) -> Dict[str, int]:
@@ -260,17 +342,24 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
     training form's own fp32 error (:func:`ppfuse.verify.rounding_check`).
     Raises :class:`VerificationError` otherwise.
     """
-    image, scale = sample_inputs(size, 1, seed)
-
-    def run(model):
-        with paddle.no_grad():
-            return detector_outputs(*(t.numpy() for t in DetectorForInference(model, with_nms=False)(image, scale)),
-                                    size=size)
-    reference = run(training_model)
+    inputs = detectors.sample_inputs(training_model, size, 1, seed, with_nms=False)
+    original = detectors.raw_outputs(training_model, inputs, size)
     with deploy_rewrites(conv_bias, ese_pool):
-        candidate = run(deployed)
-    result = judge(reference, candidate, atol, rtol,
-                   lambda: detector_outputs(*raw_outputs_float64(training_model, image, scale), size=size))
+        candidate = detectors.raw_outputs(deployed, inputs, size)
+    reference, candidate = detectors.normalize_like(original, candidate)
+
+    def float64_reference():
+        from .verify import float64_copy
+        try:
+            exact = detectors.raw_outputs(float64_copy(training_model), [t.astype("float64") for t in inputs],
+                                          size)
+        except Exception as exc:  # a ppdet module that cannot compute in float64
+            raise VerificationError(f"deployed model differs from the original beyond tolerance "
+                                    f"({compare(reference, candidate, atol, rtol).brief()}), and the float64 "
+                                    f"reference that would tell rounding from error could not run: "
+                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return detectors.normalize_like(original, exact)[1]
+    result = judge(reference, candidate, atol, rtol, float64_reference)
     if not result.ok:
         raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
     return result
@@ -286,12 +375,52 @@ class ExportResult:
 
 
 def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.Layer) -> None:
-    from ppdet.engine.export_utils import _dump_infer_config
+    """``infer_cfg.yml`` for PaddleDetection's ``deploy/python/infer.py``, written by ppdet's own function."""
+    from ppdet.engine.export_utils import TRT_MIN_SUBGRAPH, _dump_infer_config
     config.activate()
-    if config.architecture not in ("PPYOLOE", "YOLOv3", "PPYOLOEWithAuxHead"):
-        raise ConfigError(f"{config.path}: architecture {config.architecture} is not exported by ppfuse")
-    from ppdet.core.workspace import global_config
+    arch = config.architecture
+    if arch != "PPYOLOEWithAuxHead" and not any(known in arch for known in TRT_MIN_SUBGRAPH):
+        # (ppdet's function would end the process with os._exit(0))
+        raise ConfigError(f"{config.path}: PaddleDetection's deploy/python/infer.py does not know architecture "
+                          f"{arch}, so there is no infer_cfg.yml for it; export with ppdet's own tools")
+    from ppdet.core.workspace import create, global_config
+    if not hasattr(global_config.get("TestDataset"), "get_anno"):
+        # PaddleDetection's own dataset files write TestDataset as a plain mapping (not !ImageFolder); ppdet's
+        # Trainer creates the dataset before exporting, ppfuse does it here
+        global_config["TestDataset"] = create("TestDataset")()
     _dump_infer_config(global_config, path, [None, 3] + list(size), model)
+    _fit_to_export_size(path, size)
+
+
+def _fit_to_export_size(path: str, size: List[int]) -> None:
+    """Make ``infer_cfg.yml``'s preprocessing give the export's fixed ``size``.
+
+    ppdet writes the config's ``Resize`` with the export size as target; with ``keep_ratio: true`` (RetinaNet,
+    FCOS, DETR ...) an image of another aspect ratio comes out smaller, and the fixed-shape program cannot take
+    it. ppdet batches such images padded with zeros after normalization (``PadBatch``/``PadStride``); so a
+    ``Pad`` to ``size`` with zeros goes right before ``Permute`` (``im_shape`` stays the resized size). A
+    config's own ``Pad`` (YOLOX's, to its training size) pads to ``size`` instead. Preprocessing without any
+    resize (BlazeFace's) gets a ``Resize`` to ``size``. CenterNet's ``WarpAffine`` is left to the runtime
+    (:class:`ppfuse.inference.Preprocess` fits the image into ``size`` first).
+    """
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    ops = cfg.get("Preprocess") or []
+    if not any(op.get("type") in ("Resize", "LetterBoxResize", "WarpAffine") for op in ops):
+        # BlazeFace's runs at each image's own size; a fixed-size export needs the image at its size
+        ops.insert(0, {"type": "Resize", "target_size": [int(size[0]), int(size[1])], "keep_ratio": False,
+                       "interp": 1})
+    pads = [op for op in ops if op.get("type") == "Pad"]
+    for op in pads:  # the config's Pad (YOLOX: to 640) goes to the export's size
+        op["size"] = [int(size[0]), int(size[1])]
+    resize = next((op for op in ops if op.get("type") == "Resize"), None)
+    if resize is not None and resize.get("keep_ratio") and not pads:
+        where = next((i for i, op in enumerate(ops) if op.get("type") == "Permute"), len(ops))
+        ops.insert(where, {"type": "Pad", "size": [int(size[0]), int(size[1])], "fill_value": [0.0, 0.0, 0.0]})
+        ops[:] = [op for op in ops if op.get("type") != "PadStride"]
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
 
 
 def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool, log) -> dict:
@@ -380,6 +509,9 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     start = time.perf_counter()
     built = build_model(config, weights=weights, deploy=True, seed=seed, strict=strict, check=False)
     timings["build_and_convert"] = time.perf_counter() - start
+    if onnx and not detectors.is_ppyoloe_style(built.model):
+        raise ConfigError(f"--onnx: ppfuse writes ONNX for PP-YOLOE(+) exports only; {config.name} is "
+                          f"{config.architecture} (its Paddle Inference export works without --onnx)")
     left = built.conversion.remaining_batch_norms if built.conversion else {}
     if left:
         first = next(iter(left))

@@ -30,14 +30,13 @@ export_report = read_report
 
 @dataclass
 class Preprocess:
-    """The ``Preprocess`` of ``infer_cfg.yml``: Resize, NormalizeImage, Permute."""
-    target_size: Tuple[int, int]
-    keep_ratio: bool = False
-    interp: int = 2
-    mean: Sequence[float] = (0.0, 0.0, 0.0)
-    std: Sequence[float] = (1.0, 1.0, 1.0)
-    is_scale: bool = True
-    norm_type: str = "none"
+    """The ``Preprocess`` of ``infer_cfg.yml``, as PaddleDetection's ``deploy/python/infer.py`` applies it:
+    ``Resize``, ``LetterBoxResize``, ``NormalizeImage``, ``Pad``, ``PadStride``, ``Permute`` in the file's
+    order, giving ``image``, ``im_shape`` (the image's size after resizing, before padding) and
+    ``scale_factor``. An op ppfuse does not implement is an error naming it."""
+    ops: List[dict]
+
+    KNOWN = ("Resize", "LetterBoxResize", "WarpAffine", "NormalizeImage", "Pad", "PadStride", "Permute")
 
     @classmethod
     def from_infer_cfg(cls, model_dir: str) -> "Preprocess":
@@ -46,36 +45,114 @@ class Preprocess:
             raise InferenceError(f"{model_dir}: {INFER_CFG} is missing; export the model again")
         with open(path) as f:
             cfg = yaml.safe_load(f)
-        kwargs = {}
-        for op in cfg.get("Preprocess", []):
-            if op["type"] == "Resize":
-                kwargs.update(target_size=tuple(op["target_size"]), keep_ratio=op.get("keep_ratio", False),
-                              interp=op.get("interp", 2))
-            elif op["type"] == "NormalizeImage":
-                kwargs.update(mean=op.get("mean", kwargs.get("mean")), std=op.get("std"),
-                              is_scale=op.get("is_scale", True), norm_type=op.get("norm_type", "mean_std"))
-        if "target_size" not in kwargs:
+        ops = list(cfg.get("Preprocess") or [])
+        for op in ops:
+            if op.get("type") not in cls.KNOWN:
+                raise InferenceError(f"{path}: Preprocess op {op.get('type')!r} is not implemented by ppfuse "
+                                     f"(it runs {', '.join(cls.KNOWN)})")
+        if not any(op["type"] in ("Resize", "LetterBoxResize", "WarpAffine") for op in ops):
             raise InferenceError(f"{path}: no Resize in Preprocess; ppfuse runs fixed-size exports")
-        return cls(**kwargs)
+        preprocess = cls(ops)
+        size = read_report(model_dir).get("input_size")
+        if size:
+            preprocess.size = (int(size[0]), int(size[1]))
+        elif any(op["type"] == "WarpAffine" for op in ops):
+            raise InferenceError(f"{model_dir}: WarpAffine needs the export's input size, which its "
+                                 "ppfuse_report.json gives; export the model again with ppfuse")
+        return preprocess
+
+    def __post_init__(self):
+        self.size: Optional[Tuple[int, int]] = None  # the export's input size, for WarpAffine
+
+    @property
+    def target_size(self) -> Tuple[int, int]:
+        if self.size:
+            return self.size
+        for op in self.ops:
+            if op["type"] in ("Resize", "LetterBoxResize"):
+                size = op["target_size"]
+                return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        raise InferenceError("no Resize in Preprocess")
 
     def __call__(self, image_bgr: np.ndarray) -> Dict[str, np.ndarray]:
         import cv2
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        h, w = rgb.shape[:2]
-        th, tw = self.target_size
-        if self.keep_ratio:
-            ratio = min(th / h, tw / w)
-            sy = sx = ratio
-        else:
-            sy, sx = th / h, tw / w
-        resized = cv2.resize(rgb, None, None, fx=sx, fy=sy, interpolation=self.interp).astype("float32")
-        if self.is_scale:
-            resized /= 255.0
-        if self.norm_type == "mean_std":
-            resized = (resized - np.array(self.mean, "float32")) / np.array(self.std, "float32")
-        chw = resized.transpose(2, 0, 1)[None]
-        return {"image": np.ascontiguousarray(chw), "scale_factor": np.array([[sy, sx]], "float32"),
-                "im_shape": np.array([[th, tw]], "float32")}
+        im = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        im_shape = np.array(im.shape[:2], "float32")
+        scale = np.array([1.0, 1.0], "float32")
+        chw = False
+        for op in self.ops:
+            kind = op["type"]
+            if kind == "Resize":
+                th, tw = _pair(op["target_size"])
+                h, w = im.shape[:2]
+                if op.get("keep_ratio", True):
+                    ratio = min(th, tw) / min(h, w)
+                    if np.round(ratio * max(h, w)) > max(th, tw):
+                        ratio = max(th, tw) / max(h, w)
+                    sy = sx = ratio
+                else:
+                    sy, sx = th / h, tw / w
+                im = cv2.resize(im, None, None, fx=sx, fy=sy, interpolation=int(op.get("interp", 1)))
+                im_shape, scale = np.array(im.shape[:2], "float32"), np.array([sy, sx], "float32")
+            elif kind == "LetterBoxResize":
+                th, tw = _pair(op["target_size"])
+                h, w = im.shape[:2]
+                ratio = min(th / h, tw / w)
+                nw, nh = round(w * ratio), round(h * ratio)
+                pad_w, pad_h = (tw - nw) / 2, (th - nh) / 2
+                im = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA)
+                im = cv2.copyMakeBorder(im, round(pad_h - 0.1), round(pad_h + 0.1), round(pad_w - 0.1),
+                                        round(pad_w + 0.1), cv2.BORDER_CONSTANT, value=(127.5, 127.5, 127.5))
+                im_shape, scale = np.array([nh, nw], "float32"), np.array([ratio, ratio], "float32")
+            elif kind == "WarpAffine":
+                # ppdet's keep_res warp centres the image on a canvas (h|pad)+1 high, (w|pad)+1 wide, in BGR; a
+                # fixed-size export takes one size: the image is first fitted into it (keeping its ratio), then
+                # centred on a canvas of that size, as CenterNet's post-processing expects ((size - w) / 2)
+                if not op.get("keep_res", False):
+                    raise InferenceError("WarpAffine with keep_res: false is not implemented by ppfuse")
+                th, tw = self.target_size
+                h, w = im.shape[:2]
+                ratio = min(th / h, tw / w, 1.0) if max(h, w) > 0 else 1.0
+                if ratio < 1.0:
+                    im = cv2.resize(im, (max(1, round(w * ratio)), max(1, round(h * ratio))))
+                h, w = im.shape[:2]
+                shift = np.array([[1, 0, tw / 2.0 - w // 2], [0, 1, th / 2.0 - h // 2]], "float32")
+                im = cv2.warpAffine(cv2.cvtColor(im, cv2.COLOR_RGB2BGR), shift, (tw, th), flags=cv2.INTER_LINEAR)
+                im_shape, scale = np.array([h, w], "float32"), np.array([ratio, ratio], "float32")
+            elif kind == "NormalizeImage":
+                im = im.astype("float32")
+                if op.get("is_scale", True):
+                    im = im / 255.0
+                if op.get("norm_type", "mean_std") == "mean_std":
+                    im = (im - np.array(op["mean"], "float32")) / np.array(op["std"], "float32")
+            elif kind == "Pad":
+                th, tw = _pair(op["size"])
+                h, w = im.shape[:2]
+                if (h, w) != (th, tw):
+                    canvas = np.empty((th, tw, 3), "float32")
+                    canvas[...] = np.array(op.get("fill_value", [114.0, 114.0, 114.0]), "float32")
+                    canvas[:h, :w] = im
+                    im = canvas
+            elif kind == "PadStride":
+                stride = int(op.get("stride", 0))
+                if stride > 0:
+                    layout = im if not chw else im.transpose(1, 2, 0)
+                    h, w = layout.shape[:2]
+                    ph, pw = int(np.ceil(h / stride) * stride), int(np.ceil(w / stride) * stride)
+                    padded = np.zeros((ph, pw, layout.shape[2]), "float32")
+                    padded[:h, :w] = layout
+                    im = padded if not chw else padded.transpose(2, 0, 1)
+            elif kind == "Permute":
+                im, chw = im.transpose(2, 0, 1), True
+        im = im.astype("float32")
+        if not chw:
+            im = im.transpose(2, 0, 1)
+        return {"image": np.ascontiguousarray(im[None]), "scale_factor": scale[None],
+                "im_shape": im_shape[None]}
+
+
+def _pair(size) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
 def read_image(path: str) -> np.ndarray:

@@ -11,34 +11,63 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle.nn.layer.conv import _ConvNd
 from paddle.nn.layer.norm import _BatchNormBase
+from paddle.vision.ops import DeformConv2D
 
 from . import kernels
 from .errors import ConversionError, Unconvertible
 
 TRANSPOSED_CONVS = (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)
 CONV_BY_NDIM = {1: nn.Conv1D, 2: nn.Conv2D, 3: nn.Conv3D}
+# a deformable conv samples its input at learned offsets, but its kernel is applied per output channel
+# like a plain conv's ([out, in/groups, kh, kw], optional bias): a BatchNorm after it folds the same way
+DEFORMABLE_CONVS = (DeformConv2D,)
 # what a conv or BatchNorm computes is vouched for only when its forward is Paddle's own
-_STOCK_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1D, nn.Conv2D, nn.Conv3D) + TRANSPOSED_CONVS}
+_STOCK_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1D, nn.Conv2D, nn.Conv3D) + TRANSPOSED_CONVS
+                        + DEFORMABLE_CONVS}
 _STOCK_BN_FORWARDS = {cls.forward for cls in (nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D, nn.BatchNorm,
                                               nn.SyncBatchNorm, _BatchNormBase)}
 _CHANNEL_LAST = {"NHWC", "NLC", "NDHWC"}
 
 
 def is_conv(layer: nn.Layer) -> bool:
-    """A Paddle convolution (1D/2D/3D, plain or transposed)."""
-    return isinstance(layer, _ConvNd)
+    """A Paddle convolution (1D/2D/3D, plain or transposed; 2D deformable)."""
+    return isinstance(layer, (_ConvNd,) + DEFORMABLE_CONVS)
 
 
 def is_batch_norm(layer: nn.Layer) -> bool:
     """A BatchNorm with running statistics (BatchNorm1D/2D/3D, SyncBatchNorm, legacy BatchNorm)."""
     return isinstance(layer, (_BatchNormBase, nn.BatchNorm))
+
+
+def named_paths(layer: nn.Layer) -> List[Tuple[Tuple[str, ...], nn.Layer]]:
+    """Every sublayer of ``layer`` (each object once, in ``named_sublayers`` order) with the keys that lead
+    to it from ``layer``, one per level as registered: ``('upsample.0', 'bn')``, not ``'upsample.0.bn'``
+    split at each dot -- ppdet registers names with dots (TTFFPN's ``'upsample.0'``, HMHead's ``'conv.0'``),
+    so a dotted path is for messages only, never to find a layer by."""
+    found: List[Tuple[Tuple[str, ...], nn.Layer]] = []
+    seen = {id(layer)}
+
+    def walk(parent: nn.Layer, keys: Tuple[str, ...]) -> None:
+        for key, child in parent._sub_layers.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            found.append((keys + (key,), child))
+            walk(child, keys + (key,))
+    walk(layer, ())
+    return found
+
+
+def path_text(keys: Tuple[str, ...]) -> str:
+    """A layer path as messages show it: the keys joined by dots."""
+    return ".".join(keys)
 
 
 @dataclass
@@ -217,7 +246,7 @@ def fold_conv_bn(conv: nn.Layer, bn: nn.Layer, where: str, conv_where: Optional[
     check_conv(conv, conv_where or where)
     if channel_last(conv) != channel_last(bn):
         raise Unconvertible(f"{_where(where, bn)}: data format {getattr(bn, '_data_format', None) or bn._data_layout} "
-                            f"differs from its conv's {conv._data_format}: it normalizes another axis than the "
+                            f"differs from its conv's {getattr(conv, '_data_format', 'NCHW')}: it normalizes another axis than the "
                             "conv's channels; left unfolded")
     if bn._mean.shape[0] != conv._out_channels:
         raise Unconvertible(f"{_where(where, bn)}: BatchNorm has {bn._mean.shape[0]} channels "
@@ -291,7 +320,8 @@ def calibrate_batch_norms(model: nn.Layer, forward) -> None:
     network grow by orders of magnitude (PP-YOLOE+ l reaches ~1e4 at the neck),
     which a trained model never does; calibrated statistics keep them O(1).
     ``forward()`` runs the model; only the BatchNorm layers are put in training
-    mode for it (momentum 0), everything else stays as it is.
+    mode for it (momentum 0), everything else stays as it is. A variance below 5%
+    of its layer's median is raised to that (a channel constant over the batch).
     """
     norms = [sub for sub in model.sublayers() if isinstance(sub, _BatchNormBase)]
     saved = [(bn, bn.training, bn._momentum) for bn in norms]
@@ -305,6 +335,13 @@ def calibrate_batch_norms(model: nn.Layer, forward) -> None:
         for bn, training, momentum in saved:
             bn._momentum = momentum
             bn.training = training
+    for bn in norms:  # a channel nearly constant over the batch (SSD's 1x1 maps at a small input: the variance
+        # of two values) would get a near-zero variance that no trained model has, and a fold scaling by up to
+        # 1/sqrt(eps) -- fp32 cancellation then dominates any comparison; floor it at 5% of the layer's median
+        var = bn._variance.numpy()
+        floor = 0.05 * float(np.median(var)) if var.size else 0.0
+        if floor > 0 and (var < floor).any():
+            bn._variance.set_value(np.maximum(var, floor).astype(var.dtype))
 
 
 def randomize(model: nn.Layer, seed: int = 0) -> nn.Layer:

@@ -16,13 +16,13 @@ import paddle
 
 from . import kernels, layers
 from .blocks import RepParamMixin, repvgg_kernel_bias
-from .convert import Rewrite, Site, register_conv_bn, register_converter, require_forward
+from .convert import Rewrite, Site, register_conv_bn, register_conv_wrapper, register_converter, require_forward
 from .errors import Unconvertible
 
 from ppdet.modeling.backbones.cspresnet import ConvBNLayer as CSPConvBNLayer
 from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
 from ppdet.modeling.backbones.mobileone import MobileOneBlock
-from ppdet.modeling.layers import ConvNormLayer
+from ppdet.modeling.layers import ConvNormLayer, DeformableConvV2
 
 
 def _ppdet_alpha(block, where: str) -> Optional[paddle.Tensor]:
@@ -98,13 +98,16 @@ def convert_mobileone(block: MobileOneBlock, site: Site) -> Optional[List[Rewrit
 register_converter(PPDetRepVggBlock, convert_ppdet_repvgg)
 register_converter(MobileOneBlock, convert_mobileone)
 register_conv_bn(CSPConvBNLayer, "conv", "bn")
+# DeformableConvV2 returns its deformable conv_dcn's output (offsets and mask come from conv_offset, which
+# is not touched): ConvNormLayer(use_dcn=True)'s norm and ttf_fpn.Upsample's bn fold into conv_dcn
+register_conv_wrapper(DeformableConvV2, "conv_dcn")
 register_conv_bn(ConvNormLayer, "conv", "norm")
 
 # ppdet's other conv-norm layers, each read for what its forward does: conv, then that norm, then an
 # activation (module, class, (conv, norm) pairs, and when the forward applies them)
 PPDET_CONV_NORM_LAYERS = [
     ("backbones.resnet", "ConvNormLayer", [("conv", "norm")],
-     lambda layer: layer.norm_type in ("bn", "sync_bn") and not layer.dcn_v2),
+     lambda layer: layer.norm_type in ("bn", "sync_bn")),  # dcn_v2: a DeformConv2D, folded the same way
     ("backbones.hrnet", "ConvNormLayer", [("conv", "norm")], None),
     ("backbones.darknet", "ConvBNLayer", [("conv", "batch_norm")], None),
     ("backbones.csp_darknet", "BaseConv", [("conv", "bn")], None),
@@ -118,6 +121,7 @@ PPDET_CONV_NORM_LAYERS = [
     ("necks.csp_pan", "DPModule", [("dwconv", "bn1"), ("pwconv", "bn2")], None),
     ("necks.blazeface_fpn", "ConvBNLayer", [("_conv", "_batch_norm")], None),
     ("heads.ssd_head", "SepConvLayer", [("dw_conv", "bn")], None),
+    ("necks.ttf_fpn", "Upsample", [("dcn", "bn")], None),  # DeformableConvV2 -> BN -> relu -> interpolate
 ]
 
 

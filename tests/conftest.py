@@ -36,3 +36,19 @@ def scale_to_unit(y):
     """Divide by the output's largest magnitude so the tolerance is relative to the output's scale."""
     y = y.numpy() if isinstance(y, paddle.Tensor) else y
     return y / max(float(np.abs(y).max()), 1e-12)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long runs (every detector family exported and run in Paddle "
+                            "Inference); not in the default run, select with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ``-m``, slow tests are deselected (not skipped): ``pytest tests`` is CI's run, ``pytest -m slow
+    tests`` the long one."""
+    if config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

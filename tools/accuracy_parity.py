@@ -2,7 +2,7 @@
 
     python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
         [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...] \
-        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--retrain]
+        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--per_tensor] [--retrain]
 
 1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
    val seed 1) unless it is already there;
@@ -65,6 +65,8 @@ def run(argv):
                         help="runtimes to score the export in (default: all three)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="CPU precisions: fp32, bf16, int8 "
                         "(default fp32 bf16)")
+    parser.add_argument("--per_tensor", action="store_true", help="int8: one weight scale per conv kernel "
+                        "instead of one per output channel (where re-parameterized convs suffer most)")
     parser.add_argument("--calibration_images", type=int, default=32, help="int8: calibration images, the first of "
                         "the training split (default 32)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a checkpoint of the same "
@@ -120,7 +122,8 @@ def run(argv):
         from ppfuse import quantize
         calibration = evaluation.dataset_split(config, "TrainDataset").images
         quantized = quantize.quantize_export(exported.directory, calibration,
-                                             quantize.QuantizeSettings(images=args.calibration_images), log=log)
+                                             quantize.QuantizeSettings(images=args.calibration_images,
+                                                                       per_channel=not args.per_tensor), log=log)
         log(quantized.line())
     results = [training_form]
     for name, precision in cells:

@@ -39,6 +39,11 @@ def run(argv):
 
     from ppfuse import detection, export
     config = detection.load_config(args.config, args.opt)
+    if config.weights and "weights" not in config.overrides and not detection.weights_file_exists(config.weights):
+        # PaddleDetection's own configs name the checkpoint their training would write
+        print(f"WARNING: the config's weights ({config.weights}) do not exist; give trained weights with "
+              "-o weights=PATH.", file=sys.stderr)
+        config.values["weights"] = None
     if not config.weights:
         print("WARNING: no weights given (-o weights=PATH): exporting RANDOM weights with randomized "
               "BatchNorm statistics. The result only shows the tool working; it detects nothing.",

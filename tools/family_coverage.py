@@ -1,0 +1,48 @@
+"""Which PaddleDetection detector families ppfuse converts, verifies, exports and runs: one row per config.
+
+    python tools/family_coverage.py [CONFIG ...] [--size 320] [--rounds 5] [--output_dir output/coverage]
+
+Default configs: every detector config shipped in configs/ (one per family). For each: BatchNorms before
+and left after conversion (and in the saved program), whether a trace confirmed every fold, the verification
+error against the training form, export + a Paddle Inference run, and the latency of the training form vs the
+export in Paddle Inference (interleaved, median of --rounds, random weights). Run nothing else meanwhile.
+"""
+import glob
+import os
+import sys
+import warnings
+
+if "--debug" not in sys.argv:
+    warnings.filterwarnings("ignore", message="No ccache found")
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from ppfuse import cli  # noqa: E402
+
+
+
+def run(argv):
+    parser = cli.base_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("configs", nargs="*", help="config files (default: one per family shipped in configs/)")
+    parser.add_argument("--size", type=int, default=None, help="square input size for every config (default: "
+                        "each config's TestReader size)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs of each form (0: no latency)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of Paddle Inference")
+    parser.add_argument("--output_dir", default="output/coverage", help="where coverage.md and .json go")
+    args = parser.parse_args(argv)
+    from ppfuse import coverage, runtime
+    paths = args.configs or coverage.FAMILY_CONFIGS
+    missing = [p for p in paths if not glob.glob(p)]
+    if missing:
+        raise SystemExit(f"{missing[0]}: config file not found")
+    overrides = coverage.size_overrides(args.size)
+    print(f"CPU: {runtime.cpu_description()}; {args.threads} threads; random weights")
+    rows = [coverage.cover(p, overrides, rounds=args.rounds, threads=args.threads) for p in paths]
+    note = (f"CPU: {runtime.cpu_description()}, Paddle Inference {args.threads} threads, batch 1, random weights "
+            f"with randomized BatchNorm statistics, median of {args.rounds} interleaved runs")
+    path = coverage.write(rows, args.output_dir, note)
+    print("\n" + coverage.markdown(rows) + f"\nwrote {path}")
+    return 0 if all(not r.failed_step for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(run))
