@@ -837,7 +837,8 @@ def _convert(model, inplace, strict, input_spec, example_inputs, check, toleranc
         where, why = next(iter(remaining.items()))
         failed = f" ({trace_error})" if trace_error else ""
         raise ConversionError(f"{len(remaining)} BatchNorm would stay unfolded (strict), first {where}: {why}{failed}")
-    checking = tr is not None and check and plan.rewrites
+    # outputs are compared whenever a trace was asked for: after a failed trace too, on the example inputs
+    checking = check and plan.rewrites and (tr is not None or (trace_error is not None and example_inputs is not None))
     if checking:
         tick = time.perf_counter()
         inputs = list(example_inputs) if example_inputs is not None else dataflow.inputs_from_spec(input_spec)

@@ -203,12 +203,18 @@ class Detections:
 
 
 def split_detections(bbox: np.ndarray, bbox_num: np.ndarray, labels: Sequence[str] = ()) -> List[Detections]:
-    """ppdet's ``(bbox [K, 6], bbox_num [N])`` as one :class:`Detections` per image."""
+    """ppdet's ``(bbox [K, 6], bbox_num [N])`` as one :class:`Detections` per image. Rotated detectors
+    (PP-YOLOE-R) give ``[K, 10]`` rows, a quadrilateral's four corners: their boxes are its bounding boxes."""
     result, start = [], 0
     for n in np.asarray(bbox_num).reshape(-1):
         rows = bbox[start:start + int(n)]
         start += int(n)
-        result.append(Detections(rows[:, 2:6], rows[:, 1], rows[:, 0].astype("int64"), list(labels)))
+        if rows.shape[1] == 10:
+            corners = rows[:, 2:10].reshape(-1, 4, 2)
+            boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+        else:
+            boxes = rows[:, 2:6]
+        result.append(Detections(boxes, rows[:, 1], rows[:, 0].astype("int64"), list(labels)))
     return result
 
 

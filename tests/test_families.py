@@ -192,3 +192,12 @@ def test_infer_cfg_from_a_config_with_ppdet_style_test_dataset(tmp_path):
     cfg = yaml.safe_load(target.read_text())
     assert cfg["arch"] == "YOLO" and len(cfg["label_list"]) == 80
     assert any(op["type"] == "Resize" and list(op["target_size"]) == [128, 128] for op in cfg["Preprocess"])
+
+
+def test_rotated_detections_get_their_bounding_boxes():
+    rows = np.array([[3, 0.9, 10, 20, 30, 15, 35, 40, 15, 45],
+                     [1, 0.5, 1, 2, 3, 4, 5, 6, 7, 8]], "float32")
+    (found,) = inference.split_detections(rows, np.array([2]), ["a", "b", "c", "d"])
+    np.testing.assert_array_equal(found.boxes, [[10, 15, 35, 45], [1, 2, 7, 8]])
+    np.testing.assert_array_equal(found.classes, [3, 1])
+    np.testing.assert_allclose(found.scores, [0.9, 0.5])

@@ -309,6 +309,31 @@ def test_trace_failure_names_the_real_cause():
     assert report.trace_error in report.summary() and not report.confirmed_by_trace
 
 
+def test_after_a_failed_trace_the_vouched_folds_are_still_compared_on_the_example_inputs(monkeypatch):
+    class UntraceableTail(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv(), nn.BatchNorm2D(C)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if not paddle.in_dynamic_mode():
+                raise RuntimeError("my_custom_op has no static-graph kernel")
+            return y
+
+    from ppfuse.convert import register_conv_bn
+    register_conv_bn(UntraceableTail)
+    model = prepared(UntraceableTail())
+    x = paddle.randn([2, C, C, C])
+    report = convert(model, input_spec=SPEC, example_inputs=[x])
+    assert report.trace_error and report.batch_norms_folded == 1 and report.verification is not None
+    assert report.verification.ok
+    real = kernels.fold_bn  # a wrong fold is now caught although no trace confirmed it
+    monkeypatch.setattr(kernels, "fold_bn", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1] + 0.5))
+    with pytest.raises(PPFuseError, match="first rewrite after which they differ"):
+        convert(model, input_spec=SPEC, example_inputs=[x])
+
+
 def test_merge_concat_with_mixed_dtypes_is_a_kernel_error():
     a = (paddle.randn([2, 3, 3, 3]), paddle.zeros([2]))
     b = (paddle.randn([2, 3, 1, 1]).astype("float64"), None)
