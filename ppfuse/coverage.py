@@ -4,7 +4,7 @@ For each config: build the model (random weights, randomized BatchNorm statistic
 (BatchNorms before / left, every fold confirmed by a trace unless the trace failed), verify the deployed
 model against the training form, export it (``ppfuse.export``), run the export in Paddle Inference on a
 generated image, and time the training form against the export in Paddle Inference, interleaved, in one
-process. A family that fails at some step gets its row with the step and the error's first line; the sweep
+process (the training form as ppdet's own export would write it, :func:`ppdet_path`). A family that fails at some step gets its row with the step and the error's first line; the sweep
 goes on. ``tools/family_coverage.py`` prints the table, writes it as markdown and JSON.
 """
 from __future__ import annotations
@@ -141,7 +141,8 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
             step = "latency"
             training_dir = os.path.join(workdir, "training_form")
             os.makedirs(training_dir, exist_ok=True)
-            export.save_inference_model(built.training_model, os.path.join(training_dir, "model"), row.input_size)
+            export.save_inference_model(ppdet_path(built.training_model), os.path.join(training_dir, "model"),
+                                        row.input_size, ese_pool=False)
             training = load(training_dir, "paddle", options)
             for runtime in (training, deployed):  # warm-up
                 runtime.run(feeds)
@@ -161,6 +162,18 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
     row.seconds = time.perf_counter() - start
     log(line(row))
     return row
+
+
+def ppdet_path(model):
+    """The training form as ppdet's own export gives it: a copy with ``convert_to_deploy()`` called where a
+    layer has it (ppdet's RepVggBlock; its training form's ``if self.alpha`` traces to an ``if`` op that Paddle
+    Inference cannot run), every Conv + BatchNorm left for Paddle Inference's own passes."""
+    import copy
+    model = copy.deepcopy(model)
+    for layer in model.sublayers():
+        if hasattr(layer, "convert_to_deploy"):
+            layer.convert_to_deploy()
+    return model
 
 
 def line(row: CoverageRow) -> str:

@@ -224,6 +224,25 @@ def _failing_layer(exc: BaseException, model: nn.Layer) -> Optional[nn.Layer]:
     return found
 
 
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Layer):
+    """Put every layer's plain attributes back as they were: a forward that keeps what it computed
+    (ppdet's ``BaseArch`` keeps ``self.inputs``, heads cache anchors) would otherwise leave the model holding
+    values of the traced program, which a later copy or eager run cannot use."""
+    layers_ = [model] + model.sublayers()
+    saved = [(layer, dict(vars(layer))) for layer in layers_]
+    try:
+        yield
+    finally:
+        for layer, before in saved:
+            now = vars(layer)
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, None) is not value:
+                    now[key] = value
+
+
 def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Trace:
     """The PIR program of ``model``'s forward for ``input_spec``; ``model`` itself is not changed.
 
@@ -237,7 +256,7 @@ def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Tra
     wrapper = _WRAPPERS[len(input_spec)](model)
     static = paddle.jit.to_static(wrapper, full_graph=True)
     try:
-        with _fast_dy2static():
+        with _fast_dy2static(), _attributes_kept(model):
             program = static.forward.get_concrete_program(*input_spec)[0].main_program
     except Exception as exc:
         raise TraceError(model, exc) from None

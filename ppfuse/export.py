@@ -85,6 +85,8 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
         return _bilinear_x2(_bilinear_x2(x, 3), 2)
     if (mode != "nearest" or size is not None or data_format != "NCHW" or not isinstance(factor, (int, float))
             or float(factor) != int(factor) or int(factor) < 1):
+        if mode in ("nearest", "bilinear") and data_format == "NCHW" and len(x.shape) == 4:
+            return _interpolate_by_gather(x, size, scale_factor, mode, bool(align_corners), int(align_mode))
         return _INTERPOLATE(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
                             align_mode=align_mode, data_format=data_format, name=name)
     s = int(factor)
@@ -108,6 +110,55 @@ def _bilinear_x2(x, axis: int):
     shape = list(x.shape)
     shape[axis] = 2 * n
     return out.reshape([-1 if i == 0 else s for i, s in enumerate(shape)])
+
+
+def _interpolate_by_gather(x, size, scale_factor, mode: str, align_corners: bool, align_mode: int):
+    """Nearest or bilinear resizing of an NCHW tensor as index gathers and weighted sums, any output size
+    (a tensor too: BlazeFace's FPN resizes to ``paddle.shape(y)[-2:]``), the source positions computed as
+    Paddle's CPU kernel computes them in float32: ``ratio = (in - 1) / (out - 1)`` with ``align_corners``,
+    else ``1 / scale`` or ``in / out``; nearest takes ``int(ratio * k)`` (``+ 0.5`` with align_corners);
+    bilinear ``ratio * (k + 0.5) - 0.5`` (half-pixel, ``align_mode=0``) or ``ratio * k``, clamped at 0, and
+    its two neighbours weighted by the distance. Bilinear is separable (W, then H), so it equals the
+    kernel's four-term sum up to fp32 rounding."""
+    if isinstance(scale_factor, (list, tuple)):
+        scales = [float(v) for v in scale_factor]
+    elif scale_factor is not None:
+        scales = [float(scale_factor)] * 2
+    else:
+        scales = [0.0, 0.0]
+    out_sizes = []
+    for axis in (2, 3):
+        if size is not None:
+            target = size[axis - 2]
+        else:
+            target = int(float(x.shape[axis]) * scales[axis - 2])
+        out_sizes.append(target)
+    y = x
+    for axis, out_n, scale in zip((3, 2), out_sizes[::-1], scales[::-1]):
+        in_n = y.shape[axis]
+        k = paddle.arange(out_n, dtype="float32") if not isinstance(out_n, int) else \
+            paddle.arange(0, out_n, dtype="float32")
+        out_f = paddle.cast(out_n, "float32") if not isinstance(out_n, int) else float(out_n)
+        if align_corners:
+            ratio = (float(in_n) - 1.0) / (out_f - 1.0) if not isinstance(out_f, float) else \
+                ((in_n - 1.0) / (out_f - 1.0) if out_f > 1 else 0.0)
+        else:
+            ratio = (1.0 / scale) if scale > 0 else float(in_n) / out_f
+        if mode == "nearest":
+            index = paddle.floor(ratio * k + (0.5 if align_corners else 0.0)).astype("int64")
+            y = paddle.index_select(y, paddle.clip(index, 0, in_n - 1), axis=axis)
+            continue
+        half = (not align_corners) and align_mode == 0
+        source = paddle.clip(ratio * (k + 0.5) - 0.5, min=0.0) if half else ratio * k
+        low = paddle.floor(source)
+        weight = source - low  # the distance to the lower neighbour: the upper one's weight
+        low = low.astype("int64")
+        high = paddle.minimum(low + 1, paddle.full_like(low, in_n - 1))
+        shape = [1, 1, 1, 1]
+        shape[axis] = -1
+        weight = weight.reshape(shape)
+        y = paddle.index_select(y, low, axis=axis) * (1.0 - weight) + paddle.index_select(y, high, axis=axis) * weight
+    return y
 
 
 def leaky_relu_as_maximum(x, negative_slope=0.01, name=None):

@@ -60,6 +60,7 @@ class QuantizeSettings:
     calibration: str = "minmax"
     per_channel: bool = True
     activation_type: str = "uint8"
+    symmetric_activations: bool = False  # zero point 0 (int8) / 128 (uint8): no zero-point subtraction to run
     op_types: Sequence[str] = ("Conv",)
     exclude: Sequence[str] = ()  # node names to leave float
 
@@ -73,7 +74,7 @@ class QuantizeSettings:
 
     def describe(self) -> str:
         return (f"QDQ, {'/'.join(self.op_types)} only, {'per-channel' if self.per_channel else 'per-tensor'} int8 "
-                f"weights, {self.activation_type} activations, {self.calibration} calibration on "
+                f"weights, {'symmetric ' if self.symmetric_activations else ''}{self.activation_type} activations, {self.calibration} calibration on "
                 f"{self.images} image(s)" + (f", {len(self.exclude)} node(s) left float" if self.exclude else ""))
 
 
@@ -87,12 +88,15 @@ def add_arguments(parser, images: int = 32) -> None:
     parser.add_argument("--per_tensor", action="store_true", help="one weight scale per kernel (default: per "
                         "output channel)")
     parser.add_argument("--activation_type", default="uint8", help="uint8 (default) or int8")
+    parser.add_argument("--symmetric_activations", action="store_true", help="activation ranges symmetric "
+                        "around 0 (zero point 0 for int8): OpenVINO then has no zero point to subtract")
 
 
 def settings_from_args(args) -> QuantizeSettings:
     """:class:`QuantizeSettings` from the arguments of :func:`add_arguments`, checked."""
     settings = QuantizeSettings(images=args.images, calibration=args.calibration, per_channel=not args.per_tensor,
-                                activation_type=args.activation_type)
+                                activation_type=args.activation_type,
+                                symmetric_activations=args.symmetric_activations)
     settings.check()
     return settings
 
@@ -198,7 +202,8 @@ def quantize_onnx(source: str, target: str, feeds: Sequence[Mapping[str, np.ndar
             prepared, target, Reader(), quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=list(
                 settings.op_types), per_channel=settings.per_channel, activation_type=activation,
             weight_type=quantization.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=list(settings.exclude),
-            calibration_providers=["CPUExecutionProvider"])
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={"ActivationSymmetric": bool(settings.symmetric_activations)})
 
 
 def conv_nodes(model) -> list:

@@ -61,6 +61,39 @@ def test_bilinear_x2_rewrite_matches_interpolate(shape):
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(size=[8, 9], mode="nearest"), dict(size=[3, 4], mode="nearest"), dict(size="tensor", mode="nearest"),
+    dict(scale_factor=2, mode="bilinear", align_corners=True), dict(size=[8, 11], mode="bilinear", align_corners=True),
+    dict(size=[8, 11], mode="bilinear"), dict(scale_factor=1.5, mode="bilinear"),
+    dict(size=[9, 3], mode="bilinear", align_mode=1)], ids=str)
+def test_any_nearest_or_bilinear_resize_is_rewritten_to_match_interpolate(kwargs):
+    """Sizes that are no integer multiple, sizes given as a tensor (BlazeFace's FPN), align_corners (CenterNet's
+    DLA neck): gathers and weighted sums, equal to Paddle's op (nearest exactly)."""
+    rng = np.random.RandomState(0)
+    x = paddle.to_tensor(rng.normal(size=(1, 3, 5, 7)).astype("float32"))
+    kwargs = dict(kwargs)
+    if kwargs.get("size") == "tensor":
+        kwargs["size"] = paddle.shape(paddle.zeros([1, 1, 10, 13]))[-2:]
+    expected = F.interpolate(x, **kwargs).numpy()
+    got = export.nearest_upsample(x, **kwargs).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6 if kwargs["mode"] == "bilinear" else 0, rtol=0)
+
+
+def test_tracing_leaves_the_model_without_traced_values():
+    """ppdet's BaseArch keeps ``self.inputs`` from each forward; after a trace it must not hold the program's
+    values (a copy of the converted model, e.g. the float64 reference, would fail)."""
+    import copy
+
+    config = _config("configs/yolox/yolox_s_300e_coco.yml", 128)
+    built = detection.build_model(config, deploy=True, check=False)
+    for layer in [built.model] + built.model.sublayers():
+        for value in vars(layer).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            assert not any(isinstance(item, paddle.pir.Value) for item in items)
+    copy.deepcopy(built.model)
+
+
 def test_nearest_rewrite_is_exact_for_scale_and_size():
     x = paddle.to_tensor(np.random.RandomState(1).normal(size=(2, 3, 4, 5)).astype("float32"))
     by_scale = F.interpolate(x, scale_factor=2, mode="nearest").numpy()

@@ -211,3 +211,21 @@ def test_onednn_off_on_an_export_of_the_onednn_bias_form_says_which_export_to_us
     assert "export with --conv_bias channel_add" in capsys.readouterr().err
     runtime.load(directory, "paddle", runtime.RuntimeOptions())
     assert "channel_add" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not runtime.available("openvino") or not ONNX_EXTRA, reason="needs the [openvino] extra")
+def test_openvino_profile_names_the_kernels_that_ran(raw_export):
+    """The per-node counters behind tools/openvino_profile.py: fp32 convolutions run fp32 kernels, and
+    the counters add up to about one run's time (not more than a timed run, not nothing)."""
+    import time
+
+    from ppfuse.runtime.openvino_runtime import OpenVINO
+    directory, inputs, _ = raw_export
+    model = OpenVINO(directory, runtime.RuntimeOptions(precision="fp32"), perf_count=True)
+    times = model.profile(inputs, runs=2)
+    convolutions = {kernel: ms for (node, kernel), ms in times.items() if node == "Convolution"}
+    assert convolutions and all(("f32" in k.lower() or "fp32" in k.lower()) for k in convolutions), convolutions
+    start = time.perf_counter()
+    model.run(inputs)
+    wall = (time.perf_counter() - start) * 1000
+    assert 0 < sum(times.values()) <= 3 * wall

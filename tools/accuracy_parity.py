@@ -2,7 +2,8 @@
 
     python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
         [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...] \
-        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--per_tensor] [--retrain]
+        [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--per_tensor]
+        [--activation_type uint8|int8] [--symmetric_activations] [--retrain]
 
 1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
    val seed 1) unless it is already there;
@@ -65,6 +66,9 @@ def run(argv):
                         help="runtimes to score the export in (default: all three)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="CPU precisions: fp32, bf16, int8 "
                         "(default fp32 bf16)")
+    parser.add_argument("--activation_type", default="uint8", help="int8: uint8 (default) or int8 activations")
+    parser.add_argument("--symmetric_activations", action="store_true", help="int8: activation ranges symmetric "
+                        "around 0 (with --activation_type int8: zero point 0, which OpenVINO runs fastest)")
     parser.add_argument("--per_tensor", action="store_true", help="int8: one weight scale per conv kernel "
                         "instead of one per output channel (where re-parameterized convs suffer most)")
     parser.add_argument("--calibration_images", type=int, default=32, help="int8: calibration images, the first of "
@@ -123,7 +127,9 @@ def run(argv):
         calibration = evaluation.dataset_split(config, "TrainDataset").images
         quantized = quantize.quantize_export(exported.directory, calibration,
                                              quantize.QuantizeSettings(images=args.calibration_images,
-                                                                       per_channel=not args.per_tensor), log=log)
+                                                                       per_channel=not args.per_tensor,
+                                                                       activation_type=args.activation_type,
+                                                                       symmetric_activations=args.symmetric_activations), log=log)
         log(quantized.line())
     results = [training_form]
     for name, precision in cells:

@@ -38,7 +38,7 @@ class OpenVINO(Runtime):
     name = "openvino"
     title = "OpenVINO"
 
-    def __init__(self, model_dir: str, options: Optional[RuntimeOptions] = None):
+    def __init__(self, model_dir: str, options: Optional[RuntimeOptions] = None, perf_count: bool = False):
         super().__init__(model_dir, options or RuntimeOptions())
         check_options(self.options, self.name)
         if self.options.device != "cpu":
@@ -48,6 +48,8 @@ class OpenVINO(Runtime):
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.options.precision],
                   "INFERENCE_NUM_THREADS": self.options.cpu_threads, "PERFORMANCE_HINT": "LATENCY"}
+        if perf_count:  # per-node execution times (:meth:`profile`)
+            config["PERF_COUNT"] = True
         try:
             self.compiled = core.compile_model(core.read_model(path), "CPU", config)
         except RuntimeError as exc:
@@ -63,6 +65,21 @@ class OpenVINO(Runtime):
 
     def settings(self) -> str:
         return f"{self.title} {self.version} {self.options.precision}"
+
+    def profile(self, inputs: Mapping[str, np.ndarray], runs: int = 10) -> Dict[tuple, float]:
+        """Milliseconds per run spent in each ``(node type, kernel)`` OpenVINO executed -- its per-node
+        performance counters (load with ``perf_count=True``), summed over nodes, averaged over ``runs``
+        after one warm-up run. The kernel names the implementation and precision (``brgconv_avx512_bf16``,
+        ``brgconv_avx512_I8``, ``jit_avx512_FP32`` ...)."""
+        feeds = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        self.request.infer(feeds)
+        totals: Counter = Counter()
+        for _ in range(runs):
+            self.request.infer(feeds)
+            for info in self.request.get_profiling_info():
+                if info.status.name == "EXECUTED":
+                    totals[(info.node_type, info.exec_type)] += info.real_time.total_seconds() * 1000.0
+        return {key: value / runs for key, value in totals.items()}
 
     def convolution_precisions(self) -> Dict[str, int]:
         """Convolutions of the compiled (runtime) model by the precision they execute in."""
