@@ -93,7 +93,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _median_ms(call: Callable, inputs, rounds: int) -> List[float]:
+def _times_ms(call: Callable, inputs, rounds: int) -> List[float]:
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -148,8 +148,8 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
                 runtime.run(feeds)
             a, b = [], []
             for _ in range(rounds):  # interleaved
-                a += _median_ms(training.run, feeds, 1)
-                b += _median_ms(deployed.run, feeds, 1)
+                a += _times_ms(training.run, feeds, 1)
+                b += _times_ms(deployed.run, feeds, 1)
             row.latency_training_ms, row.latency_export_ms = float(np.median(a)), float(np.median(b))
     except Exception as exc:  # a family's failure is a row, not the end of the sweep
         row.failed_step, row.error = step, _first_line(exc)

@@ -1,22 +1,27 @@
-"""Export a PP-YOLOE-style detector for Paddle Inference.
+"""Export a PaddleDetection detector for Paddle Inference.
 
 ppdet 2.6.0's own export does not run on Paddle 3.x (PIR): ``to_static``
 needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
 ``_prune_input_spec`` returns ``{}``. ppfuse owns this small path instead:
 
-1. wrap the model as ``(image, scale_factor) -> (bbox [K, 6], bbox_num [N])``
-   (or the raw ``(boxes, scores)`` before NMS), NMS by ``multiclass_nms3``;
+1. wrap the model (:func:`ppfuse.detectors.wrapper_for`): PP-YOLOE style as
+   ``(image, scale_factor) -> (bbox [K, 6], bbox_num [N])`` (or the raw
+   ``(boxes, scores)`` before NMS), NMS by ``multiclass_nms3``; any other
+   family as ppdet's own forward and post-processing, with the inputs an
+   output uses and ppdet's post-processing ops in PIR-traceable form;
 2. trace it with ``paddle.jit.to_static(full_graph=True)`` under
-   :func:`deploy_rewrites`, forms Paddle Inference's oneDNN path runs fast
+   :func:`deploy_rewrites`, forms Paddle Inference's oneDNN path runs (fast)
    (each verified with the rest of the deployed model, see :func:`verify_deployed`):
-   nearest x2 upsampling as reshape+expand+reshape (bit-exact; oneDNN's
-   ``nearest_interp`` fails), CSPResNet's ESE ``x.mean((2, 3))`` as
-   ``adaptive_avg_pool2d(x, 1)`` (oneDNN runs the mean as its slow reference
-   reduction), conv biases inside the conv (oneDNN fuses them) unless
-   ``conv_bias="channel_add"`` asks for separate ``[C, 1, 1]`` adds;
+   nearest upsampling as reshape+expand+reshape (bit-exact) and other resizes as
+   gathers (oneDNN's ``nearest_interp``/``bilinear_interp`` fail), ``leaky_relu``
+   as ``maximum`` (oneDNN's conv + leaky_relu fusion crashes), CSPResNet's ESE
+   ``x.mean((2, 3))`` as ``adaptive_avg_pool2d(x, 1)`` (oneDNN runs the mean as
+   its slow reference reduction), conv biases inside the conv (oneDNN fuses
+   them) unless ``conv_bias="channel_add"`` asks for separate ``[C, 1, 1]`` adds;
 3. write ``model.json``/``model.pdiparams``, ``infer_cfg.yml`` (the format of
-   PaddleDetection's ``deploy/python/infer.py``), the deploy checkpoint and a
-   report, into a temporary directory moved into place only when complete.
+   PaddleDetection's ``deploy/python/infer.py``, fitted to the fixed input size),
+   the deploy checkpoint and a report, into a temporary directory moved into
+   place only when complete.
 """
 from __future__ import annotations
 
@@ -381,12 +386,14 @@ def detector_outputs(boxes, scores, size: List[int]) -> Dict[str, np.ndarray]:
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0, conv_bias: str = DEFAULT_CONV_BIAS,
                     ese_pool: bool = True) -> VerificationResult:
-    """Raw detector outputs (boxes, scores before NMS) of both forms on a generated image.
+    """Raw detector outputs of both forms on a generated image (:func:`ppfuse.detectors.raw_outputs`:
+    PP-YOLOE's boxes and scores before NMS, any other family's head outputs).
 
     The deployed model runs under the export's :func:`deploy_rewrites` (the
     function the saved program computes), the training form as ppdet wrote it.
     Boxes are compared as fractions of the input size, so one tolerance fits
-    boxes and scores (both O(1)). Above tolerance, the training form is also
+    boxes and scores (both O(1)); other families' outputs each relative to its
+    largest magnitude. Above tolerance, the training form is also
     evaluated in float64: some models (PP-YOLOE+ l with random weights: ~1 px
     at 640) amplify fp32 rounding beyond any fixed tolerance, and then the
     deployed model passes if it is no further from float64 than twice the

@@ -1,7 +1,7 @@
 """Every PaddleDetection detector family shipped in configs/: converted with no BatchNorm left, every fold
 confirmed by a trace, the deployed model verified against the training form (random weights, randomized
 BatchNorm statistics, 192x192). The slow test exports each and runs it in Paddle Inference
-(``pytest -m slow tests/test_families.py``, about 6 minutes on 2 cores).
+(``pytest -m slow tests/test_families.py``, 2.2 minutes on 2 cores).
 
 And the pieces that made the families export: interpolation and leaky_relu in forms oneDNN runs, inputs a
 detector does not use, preprocessing ops, ppdet's own dataset files, ppdet's forward failing.
