@@ -50,6 +50,7 @@ from . import layers
 from . import runtime as runtimes
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
+from .detectors import ppdet_path
 from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model, verify_deployed
 from .export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
 from .verify import compare_detections, judge
@@ -221,9 +222,7 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
         model = train if name == "train form" else copy.deepcopy(train)
         start = time.perf_counter()  # conversion in place, copying excluded for both converters
         if name == "ppdet path":
-            for layer in model.sublayers():
-                if hasattr(layer, "convert_to_deploy"):
-                    layer.convert_to_deploy()
+            ppdet_path(model, inplace=True)
         elif name == "ppfuse deploy":
             convert(model, inplace=True)
         prepare = time.perf_counter() - start

@@ -4,7 +4,7 @@ For each config: build the model (random weights, randomized BatchNorm statistic
 (BatchNorms before / left, every fold confirmed by a trace unless the trace failed), verify the deployed
 model against the training form, export it (``ppfuse.export``), run the export in Paddle Inference on a
 generated image, and time the training form against the export in Paddle Inference, interleaved, in one
-process (the training form as ppdet's own export would write it, :func:`ppdet_path`). A family that fails at some step gets its row with the step and the error's first line; the sweep
+process (the training form as ppdet's own export would write it, :func:`ppfuse.detectors.ppdet_path`). A family that fails at some step gets its row with the step and the error's first line; the sweep
 goes on. ``tools/family_coverage.py`` prints the table, writes it as markdown and JSON.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import detection, detectors, export, layers
-from .errors import PPFuseError
+from .errors import PPFuseError, first_line
 
 
 FAMILY_CONFIGS = [  # one per family shipped in configs/, in the order of the README's table
@@ -88,11 +88,6 @@ class CoverageRow:
         return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _times_ms(call: Callable, inputs, rounds: int) -> List[float]:
     times = []
     for _ in range(rounds):
@@ -141,7 +136,7 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
             step = "latency"
             training_dir = os.path.join(workdir, "training_form")
             os.makedirs(training_dir, exist_ok=True)
-            export.save_inference_model(ppdet_path(built.training_model), os.path.join(training_dir, "model"),
+            export.save_inference_model(detectors.ppdet_path(built.training_model), os.path.join(training_dir, "model"),
                                         row.input_size, ese_pool=False)
             training = load(training_dir, "paddle", options)
             for runtime in (training, deployed):  # warm-up
@@ -152,28 +147,16 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
                 b += _times_ms(deployed.run, feeds, 1)
             row.latency_training_ms, row.latency_export_ms = float(np.median(a)), float(np.median(b))
     except Exception as exc:  # a family's failure is a row, not the end of the sweep
-        row.failed_step, row.error = step, _first_line(exc)
+        row.failed_step, row.error = step, first_line(exc)
         if not isinstance(exc, PPFuseError):
-            row.error += " @ " + traceback.extract_tb(exc.__traceback__)[-1].filename.split("site-packages/")[-1] \
-                + f":{traceback.extract_tb(exc.__traceback__)[-1].lineno}"
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            row.error += f" @ {frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     row.seconds = time.perf_counter() - start
     log(line(row))
     return row
-
-
-def ppdet_path(model):
-    """The training form as ppdet's own export gives it: a copy with ``convert_to_deploy()`` called where a
-    layer has it (ppdet's RepVggBlock; its training form's ``if self.alpha`` traces to an ``if`` op that Paddle
-    Inference cannot run), every Conv + BatchNorm left for Paddle Inference's own passes."""
-    import copy
-    model = copy.deepcopy(model)
-    for layer in model.sublayers():
-        if hasattr(layer, "convert_to_deploy"):
-            layer.convert_to_deploy()
-    return model
 
 
 def line(row: CoverageRow) -> str:

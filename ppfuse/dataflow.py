@@ -39,7 +39,7 @@ import paddle
 import paddle.nn as nn
 
 from . import layers
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 
 CONV_OPS = {"conv1d", "conv2d", "conv3d", "depthwise_conv2d", "conv2d_transpose", "conv3d_transpose",
             "depthwise_conv2d_transpose", "conv1d_transpose", "deformable_conv"}
@@ -185,7 +185,7 @@ class TraceError(ConversionError):
 
     def __init__(self, model: nn.Layer, exc: BaseException):
         original = _original_error(exc)
-        self.cause = _first_line(original)
+        self.cause = first_line(original)
         self.layer = _failing_layer(original, model)
         self.model_type = type(model).__name__
         super().__init__(f"tracing {self.model_type}.forward with paddle.jit.to_static failed: {self.cause}")
@@ -198,18 +198,6 @@ def _original_error(exc: BaseException) -> BaseException:
     if exc.__suppress_context__ and context is not None and hasattr(context, dy2static_error.ERROR_DATA):
         return context
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    """``"Type: first line"`` of an error; Paddle's C++ errors put theirs after "Error Message Summary"."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip().strip("-")]
-    if "Error Message Summary:" in lines and lines.index("Error Message Summary:") + 1 < len(lines):
-        lines = lines[lines.index("Error Message Summary:") + 1:]
-    elif lines and lines[0] == "In transformed code:":  # not unwrapped: its own summary is the last error line
-        lines = [next((line for line in reversed(lines) if "Error" in line), lines[-1])]
-    line = lines[0][:300] if lines else ""
-    name = type(exc).__name__
-    return line if line.startswith(name) else f"{name}: {line}" if line else name
 
 
 def _failing_layer(exc: BaseException, model: nn.Layer) -> Optional[nn.Layer]:

@@ -305,10 +305,8 @@ def raw_outputs_float64(model: nn.Layer, image, scale_factor):
 def sample_inputs(size: List[int], batch: int = 1, seed: int = 0):
     """Generated images in [0, 1] at the export size, and scale factors of 1 (PP-YOLOE style's inputs;
     any detector's: :func:`ppfuse.detectors.sample_inputs`)."""
-    rng = np.random.RandomState(seed)
-    image = paddle.to_tensor(rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"))
-    scale = paddle.to_tensor(np.ones((batch, 2), "float32"))
-    return image, scale
+    values = detectors.generated_inputs(size, batch, seed)
+    return values["image"], values["scale_factor"]
 
 
 @dataclass
@@ -343,9 +341,14 @@ def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], sourc
                           "trained with")
 
 
+def weights_path(weights: str) -> str:
+    """The checkpoint file ``weights`` names: itself, or with ``.pdparams`` added (ppdet's convention)."""
+    return weights if weights.endswith(".pdparams") or os.path.exists(weights) else weights + ".pdparams"
+
+
 def weights_file_exists(weights: str) -> bool:
     """Is there a checkpoint at ``weights`` (with or without its ``.pdparams``)?"""
-    return os.path.isfile(weights) or os.path.isfile(weights + ".pdparams")
+    return os.path.isfile(weights_path(weights))
 
 
 def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: Optional[bool] = None,
@@ -372,13 +375,13 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     training_model = build_training_model(config)
     if not weights:
         layers.randomize(training_model, seed)
-        inputs = detectors.sample_inputs(training_model, config.input_size(), 2, seed, with_nms=False)
+        inputs = detectors.sample_inputs(training_model, config.input_size(), 2, seed)
         detector = detectors.wrapper_for(training_model, with_nms=False)
         with detectors.ppdet_failures(training_model):
             layers.calibrate_batch_norms(training_model, lambda: detector(*inputs))
         form = "random"
     else:
-        path = weights if weights.endswith(".pdparams") or os.path.exists(weights) else weights + ".pdparams"
+        path = weights_path(weights)
         state = checkpoint.safe_load(path)
         form = checkpoint_form(config, state, path, training_model)
         if form == "deploy":
@@ -394,8 +397,8 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
     size = config.input_size()
     with detectors.traceable(training_model):
         report = convert(training_model, strict=strict,
-                         input_spec=detectors.input_spec(training_model, size, with_nms=False),
-                         example_inputs=detectors.sample_inputs(training_model, size, 1, seed, with_nms=False),
+                         input_spec=detectors.input_spec(training_model, size),
+                         example_inputs=detectors.sample_inputs(training_model, size, 1, seed),
                          check=check,
                          forward_with=lambda model: detectors.wrapper_for(model, with_nms=False))
     return BuiltModel(report.model, training_model, form, report)
@@ -403,5 +406,4 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
 
 def detector_input_spec(size: List[int]) -> List[paddle.static.InputSpec]:
     """The inputs of :class:`DetectorForInference` at ``size`` = ``[H, W]``."""
-    return [paddle.static.InputSpec([None, 3, size[0], size[1]], "float32", "image"),
-            paddle.static.InputSpec([None, 2], "float32", "scale_factor")]
+    return detectors.input_spec(None, size, ("image", "scale_factor"))

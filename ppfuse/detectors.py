@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .errors import ConfigError, ModelError, PPFuseError
+from .errors import ConfigError, ModelError, PPFuseError, first_line
 
 # attributes under which ppdet 2.6.0's architectures hold their head (in this order of preference)
 HEAD_ATTRIBUTES = ("yolo_head", "fcos_head", "ssd_head", "blaze_head", "ttf_head", "detr_head", "head",
@@ -211,11 +211,9 @@ def ppdet_failures(model: nn.Layer):
         if not ppdet_frames:
             raise
         where = ppdet_frames[-1]
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        cause = next((line for line in lines if "Error" in line), lines[0] if lines else "")
         import ppdet
         raise ModelError(f"{type(model).__name__}: ppdet {getattr(ppdet, '__version__', '')}'s own forward fails on "
-                         f"Paddle {paddle.__version__}: {type(exc).__name__}: {cause[:200]} (at ppdet/"
+                         f"Paddle {paddle.__version__}: {first_line(exc)[:250]} (at ppdet/"
                          f"{where.filename.replace(chr(92), '/').split('/ppdet/')[-1]}:{where.lineno}); ppfuse "
                          "converts models ppdet can run -- use a Paddle version this ppdet supports") from None
 
@@ -230,7 +228,7 @@ def wrapper_for(model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = 
     return _BY_INPUTS[tuple(names or input_names(model))](model, with_nms)
 
 
-def input_names(model: nn.Layer, size: Sequence[int] = (), with_nms: bool = True) -> Tuple[str, ...]:
+def input_names(model: nn.Layer) -> Tuple[str, ...]:
     """The inputs of ``model``'s wrapper: ``image, scale_factor`` for PP-YOLOE style, else all three
     ppdet models take (the export drops those no output uses, :func:`ppfuse.export.save_inference_model`)."""
     if is_ppyoloe_style(model):
@@ -238,22 +236,39 @@ def input_names(model: nn.Layer, size: Sequence[int] = (), with_nms: bool = True
     return ("image", "im_shape", "scale_factor")
 
 
-def input_spec(model: nn.Layer, size: Sequence[int], with_nms: bool = True,
+def input_spec(model: nn.Layer, size: Sequence[int],
                names: Optional[Sequence[str]] = None) -> List[paddle.static.InputSpec]:
-    """The inputs of :func:`wrapper_for` ``(model)`` at ``size`` = ``[H, W]``."""
+    """The inputs of :func:`wrapper_for` ``(model)`` (or the inputs ``names``) at ``size`` = ``[H, W]``."""
     shapes = {"image": [None, 3, int(size[0]), int(size[1])], "im_shape": [None, 2], "scale_factor": [None, 2]}
-    return [paddle.static.InputSpec(shapes[n], "float32", n) for n in names or input_names(model, size, with_nms)]
+    return [paddle.static.InputSpec(shapes[n], "float32", n) for n in names or input_names(model)]
 
 
-def sample_inputs(model: nn.Layer, size: Sequence[int], batch: int = 1, seed: int = 0,
-                  with_nms: bool = True) -> List[paddle.Tensor]:
-    """Generated images in [0, 1] at ``size``, ``im_shape`` = size, scale factors of 1 -- in the order of
-    :func:`input_spec`."""
+def generated_inputs(size: Sequence[int], batch: int = 1, seed: int = 0) -> Dict[str, paddle.Tensor]:
+    """Images in [0, 1] at ``size`` drawn from ``seed``, ``im_shape`` = size, scale factors of 1."""
     rng = np.random.RandomState(seed)
     values = {"image": rng.uniform(0, 1, (batch, 3, size[0], size[1])).astype("float32"),
               "im_shape": np.tile(np.array([[size[0], size[1]]], "float32"), (batch, 1)),
               "scale_factor": np.ones((batch, 2), "float32")}
-    return [paddle.to_tensor(values[n]) for n in input_names(model, size, with_nms)]
+    return {name: paddle.to_tensor(value) for name, value in values.items()}
+
+
+def sample_inputs(model: nn.Layer, size: Sequence[int], batch: int = 1, seed: int = 0) -> List[paddle.Tensor]:
+    """:func:`generated_inputs` in the order of :func:`input_spec`."""
+    values = generated_inputs(size, batch, seed)
+    return [values[n] for n in input_names(model)]
+
+
+def ppdet_path(model: nn.Layer, inplace: bool = False) -> nn.Layer:
+    """The model as ppdet's own export gives it: ``convert_to_deploy()`` called where a layer has it (ppdet's
+    RepVggBlock, whose training form's ``if self.alpha`` traces to an ``if`` op Paddle Inference cannot run),
+    every Conv + BatchNorm left for Paddle Inference's own passes. On a copy unless ``inplace``."""
+    if not inplace:
+        import copy
+        model = copy.deepcopy(model)
+    for layer in model.sublayers():
+        if hasattr(layer, "convert_to_deploy"):
+            layer.convert_to_deploy()
+    return model
 
 
 @contextlib.contextmanager
@@ -273,11 +288,16 @@ def raw_outputs(model: nn.Layer, inputs: Sequence[paddle.Tensor], size: Sequence
     of the input size and its scores; any other detector's head outputs each divided by its own largest
     magnitude (so one tolerance is relative to each output's scale). Evaluated under ``no_grad``."""
     with paddle.no_grad(), ppdet_failures(model):
-        out = wrapper_for(model, with_nms=False)(*inputs)  # (inputs: sample_inputs(..., with_nms=False))
+        out = wrapper_for(model, with_nms=False)(*inputs)
     if is_ppyoloe_style(model):
-        boxes, scores = (t.numpy() for t in out)
-        return {"boxes_over_size": np.asarray(boxes, np.float64) / float(max(size)), "scores": np.asarray(scores)}
+        return ppyoloe_outputs(*(t.numpy() for t in out), size=size)
     return {f"{head_of(model)[0]}.{i}": t.numpy() for i, t in enumerate(out)}
+
+
+def ppyoloe_outputs(boxes, scores, size: Sequence[int]) -> Dict[str, np.ndarray]:
+    """PP-YOLOE's raw boxes and scores as compared everywhere: boxes as fractions of the input size, so one
+    tolerance fits both (both O(1))."""
+    return {"boxes_over_size": np.asarray(boxes, np.float64) / float(max(size)), "scores": np.asarray(scores)}
 
 
 def normalize_like(reference: Dict[str, np.ndarray], *others: Dict[str, np.ndarray]):

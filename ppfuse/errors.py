@@ -5,6 +5,19 @@ to fix it. Command lines print the message as one line and exit non-zero.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """``"Type: first line"`` of an error, for one-line messages; Paddle's C++ errors put theirs after
+    "Error Message Summary", to_static's wrapped ones last in "In transformed code"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip().strip("-")]
+    if "Error Message Summary:" in lines and lines.index("Error Message Summary:") + 1 < len(lines):
+        lines = lines[lines.index("Error Message Summary:") + 1:]
+    elif lines and lines[0] == "In transformed code:":  # not unwrapped: its own summary is the last error line
+        lines = [next((line for line in reversed(lines) if "Error" in line), lines[-1])]
+    line = lines[0][:300] if lines else ""
+    name = type(exc).__name__
+    return line if line.startswith(name) else f"{name}: {line}" if line else name
+
+
 class PPFuseError(Exception):
     """Base of every error ppfuse raises on purpose."""
 

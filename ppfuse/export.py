@@ -221,14 +221,9 @@ def _conv2d_bias_per_channel(self, x):
 _CONV2D_FORWARD = nn.Conv2D.forward
 
 
-@contextlib.contextmanager
 def cpu_friendly_conv_bias():
     """While tracing, make every ``nn.Conv2D`` add its bias per channel (:func:`_conv2d_bias_per_channel`)."""
-    nn.Conv2D.forward = _conv2d_bias_per_channel
-    try:
-        yield
-    finally:
-        nn.Conv2D.forward = _CONV2D_FORWARD
+    return _patched([(nn.Conv2D, "forward", _conv2d_bias_per_channel)])
 
 
 def _ese_with_pool(self, x):
@@ -247,12 +242,8 @@ def onednn_friendly_ese():
     except ImportError:
         yield
         return
-    original = cspresnet.EffectiveSELayer.forward
-    cspresnet.EffectiveSELayer.forward = _ese_with_pool
-    try:
+    with _patched([(cspresnet.EffectiveSELayer, "forward", _ese_with_pool)]):
         yield
-    finally:
-        cspresnet.EffectiveSELayer.forward = original
 
 
 # How the export writes each conv's bias: "in_conv" keeps Paddle's own form (conv2d, then an add of
@@ -301,12 +292,12 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
     A detector that does not use all of ``image, im_shape, scale_factor`` (``paddle.jit.save`` refuses an
     input no output depends on) is traced again with the ones it uses.
     """
-    names = detectors.input_names(model, size, with_nms)
+    names = detectors.input_names(model)
     with deploy_rewrites(conv_bias, ese_pool), detectors.traceable(model):
         while True:
             wrapper = detectors.wrapper_for(model, with_nms, topk_before_nms, names)
             wrapper.eval()
-            static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, with_nms, names),
+            static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, names),
                                           full_graph=True)
             used = _inputs_used(static.forward.concrete_program)
             if used == names:
@@ -377,10 +368,7 @@ def count_ops(model_dir: str) -> Dict[str, int]:
     return dict(counts)
 
 
-def detector_outputs(boxes, scores, size: List[int]) -> Dict[str, np.ndarray]:
-    """Raw boxes and scores as compared everywhere: boxes as fractions of the input size, so one
-    tolerance fits both (both O(1))."""
-    return {"boxes_over_size": np.asarray(boxes, np.float64) / float(max(size)), "scores": np.asarray(scores)}
+detector_outputs = detectors.ppyoloe_outputs  # its name before ppfuse.detectors
 
 
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
@@ -400,7 +388,7 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
     training form's own fp32 error (:func:`ppfuse.verify.rounding_check`).
     Raises :class:`VerificationError` otherwise.
     """
-    inputs = detectors.sample_inputs(training_model, size, 1, seed, with_nms=False)
+    inputs = detectors.sample_inputs(training_model, size, 1, seed)
     original = detectors.raw_outputs(training_model, inputs, size)
     with deploy_rewrites(conv_bias, ese_pool):
         candidate = detectors.raw_outputs(deployed, inputs, size)

@@ -35,6 +35,7 @@ class Preprocess:
     order, giving ``image``, ``im_shape`` (the image's size after resizing, before padding) and
     ``scale_factor``. An op ppfuse does not implement is an error naming it."""
     ops: List[dict]
+    size: Optional[Tuple[int, int]] = None  # the export's input size (its report), for WarpAffine
 
     KNOWN = ("Resize", "LetterBoxResize", "WarpAffine", "NormalizeImage", "Pad", "PadStride", "Permute")
 
@@ -52,17 +53,11 @@ class Preprocess:
                                      f"(it runs {', '.join(cls.KNOWN)})")
         if not any(op["type"] in ("Resize", "LetterBoxResize", "WarpAffine") for op in ops):
             raise InferenceError(f"{path}: no Resize in Preprocess; ppfuse runs fixed-size exports")
-        preprocess = cls(ops)
         size = read_report(model_dir).get("input_size")
-        if size:
-            preprocess.size = (int(size[0]), int(size[1]))
-        elif any(op["type"] == "WarpAffine" for op in ops):
+        if not size and any(op["type"] == "WarpAffine" for op in ops):
             raise InferenceError(f"{model_dir}: WarpAffine needs the export's input size, which its "
                                  "ppfuse_report.json gives; export the model again with ppfuse")
-        return preprocess
-
-    def __post_init__(self):
-        self.size: Optional[Tuple[int, int]] = None  # the export's input size, for WarpAffine
+        return cls(ops, (int(size[0]), int(size[1])) if size else None)
 
     @property
     def target_size(self) -> Tuple[int, int]:

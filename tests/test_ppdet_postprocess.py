@@ -62,13 +62,17 @@ NMS_CASES = [
 ]
 
 
+def nms_against_ppdet(name, seed, classes, **kwargs):
+    """ppfuse's and ppdet's ``name`` on the same random boxes and distinct scores: (ppfuse's, ppdet's)."""
+    rng = np.random.RandomState(seed)
+    bboxes = paddle.to_tensor(random_boxes(rng, (2, 60)))
+    scores = paddle.to_tensor(distinct_scores(rng, (2, classes, 60)))
+    return getattr(ppdet_postprocess, name)(bboxes, scores, **kwargs), getattr(ops, name)(bboxes, scores, **kwargs)
+
+
 @pytest.mark.parametrize("kwargs", NMS_CASES)
 def test_multiclass_nms_equals_ppdet(kwargs):
-    rng = np.random.RandomState(0)
-    bboxes = paddle.to_tensor(random_boxes(rng, (2, 60)))
-    scores = paddle.to_tensor(distinct_scores(rng, (2, 5, 60)))
-    expected = ops.multiclass_nms(bboxes, scores, **kwargs)
-    actual = ppdet_postprocess.multiclass_nms(bboxes, scores, **kwargs)
+    actual, expected = nms_against_ppdet("multiclass_nms", 0, 5, **kwargs)
     assert len(actual) == 3
     for a, e in zip(numpy(actual), numpy(expected)):
         assert_same(a, e, DYGRAPH_ATOL)
@@ -99,11 +103,7 @@ MATRIX_NMS_CASES = [
 
 @pytest.mark.parametrize("kwargs", MATRIX_NMS_CASES)
 def test_matrix_nms_equals_ppdet(kwargs):
-    rng = np.random.RandomState(2)
-    bboxes = paddle.to_tensor(random_boxes(rng, (2, 60)))
-    scores = paddle.to_tensor(distinct_scores(rng, (2, 4, 60)))
-    expected = ops.matrix_nms(bboxes, scores, **kwargs)
-    actual = ppdet_postprocess.matrix_nms(bboxes, scores, **kwargs)
+    actual, expected = nms_against_ppdet("matrix_nms", 2, 4, **kwargs)
     for a, e in zip(numpy(actual), numpy(expected)):
         assert_same(a, e, DYGRAPH_ATOL)
 
