@@ -18,6 +18,21 @@ variants' ``model.onnx``, with the optional packages), and GPU rows only on a
 CUDA build with a device. Rows that cannot run here are listed with the reason.
 Latency rounds are interleaved (A B C A B C ...) so machine drift hits every
 variant alike; every ratio is to the ppdet path measured in the same run.
+Runtimes do not share threads: after a run, Paddle's OpenMP threads keep
+spinning for up to 200 ms (``KMP_BLOCKTIME``) and so do ONNX Runtime's, taking
+the cores from the next runtime. So a timed run that follows another runtime's
+run (anything but Paddle after Paddle, whose predictors share one OpenMP pool)
+waits :data:`SETTLE_SECONDS` first. Measured on PP-YOLOE+ s without that
+pause: ONNX Runtime right after OpenVINO 2.3x its own time, Paddle Inference
+right after ONNX Runtime 1.25x; with it, in a four-cell check, each cell equalled
+its time alone in a fresh process within 3%. Each round starts one cell later than the
+one before (:func:`rotated`), so no cell is always the first after a pause or
+always the one after a particular model.
+
+Rows are runtimes with the export ppfuse recommends for them: Paddle Inference
+without oneDNN gets a second row with ppfuse deploy's ``--conv_bias
+channel_add`` export (the form Paddle's plain CPU kernels run faster), so both
+forms are measured there.
 
 By default the exported programs end before NMS: NMS is the same in every
 variant, and with random weights it has thousands of candidate boxes a
@@ -51,7 +66,8 @@ from . import runtime as runtimes
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
 from .detectors import ppdet_path
-from .export import DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model, verify_deployed
+from .export import (DEFAULT_ATOL, DEFAULT_CONV_BIAS, DEFAULT_RTOL, count_ops, detector_outputs,
+                     save_inference_model, verify_deployed)
 from .export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
 from .verify import compare_detections, judge
 
@@ -65,6 +81,25 @@ class Row:
     name: str
     runtime: str
     options: runtimes.RuntimeOptions
+    conv_bias: str = DEFAULT_CONV_BIAS  # which ppfuse deploy export this row runs (export.CONV_BIAS_FORMS)
+
+
+# seconds a timed run waits after another runtime's run: longer than the 200 ms Paddle's OpenMP threads
+# (KMP_BLOCKTIME) and ONNX Runtime's pool spin after a run
+SETTLE_SECONDS = 0.3
+
+
+def needs_settle(previous: Optional[str], runtime: str) -> bool:
+    """Whether a run in ``runtime`` must wait for the threads of the ``previous`` run's runtime to go idle:
+    always, except Paddle after Paddle (one process, one OpenMP pool) or at the start."""
+    return previous is not None and not (previous == runtime == "paddle")
+
+
+def rotated(count: int, round_index: int) -> List[int]:
+    """The order of the cells in one round: the list rotated by the round's index, so that every cell
+    is in turn the first after a settle or right after another model (whose weights fill the caches)."""
+    start = round_index % count if count else 0
+    return list(range(start, count)) + list(range(start))
 
 
 BASE_RUNTIME = "Paddle Inference oneDNN fp32"
@@ -81,6 +116,8 @@ def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Cal
     if bf16:
         rows.append(Row("Paddle Inference oneDNN bf16", "paddle", options(precision="bf16")))
     rows.append(Row("Paddle Inference no oneDNN fp32", "paddle", options(onednn=False)))
+    rows.append(Row("Paddle Inference no oneDNN fp32, ppfuse --conv_bias channel_add", "paddle",
+                    options(onednn=False), conv_bias="channel_add"))
     for name, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
         if not (onnx_available() and runtimes.available(name)):
             log(f"not measured: {title} (needs the [onnx] extra to write model.onnx and the [{name}] extra)"
@@ -141,6 +178,10 @@ class VariantResult:
     prepare_seconds: float = 0.0
     verify_seconds: float = 0.0
     error: Optional[str] = None
+    forms: Dict[str, str] = field(default_factory=dict)  # other conv_bias forms' export directories
+
+    def directory_for(self, conv_bias: str) -> str:
+        return self.forms.get(conv_bias, self.directory)
 
 
 @dataclass
@@ -182,7 +223,7 @@ def conv_flops(model, size: List[int]) -> float:
 
 def peak_flops() -> (float, str):
     """Peak fp32 FLOP rate of one core, and how it was derived (a nominal figure, see the note)."""
-    flags, mhz, vendor = "", 0.0, ""
+    flags, mhz, vendor, family = "", 0.0, "", 0
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -192,6 +233,8 @@ def peak_flops() -> (float, str):
                     mhz = float(line.split(":")[1])
                 elif line.startswith("vendor_id") and not vendor:
                     vendor = line.split(":")[1].strip()
+                elif line.startswith("cpu family") and not family:
+                    family = int(line.split(":")[1])
     except OSError:
         pass
     try:  # the boost clock, where the VM shows it
@@ -199,7 +242,8 @@ def peak_flops() -> (float, str):
             mhz = max(mhz, int(f.read()) / 1000.0)
     except OSError:
         pass
-    if "avx512f" in flags and vendor != "AuthenticAMD":
+    if "avx512f" in flags and (vendor != "AuthenticAMD" or family >= 26):
+        # Intel with two AVX-512 FMA units; AMD Zen 5 (family 26) has full-width 512-bit FMA pipes
         per_cycle, unit = 64, "AVX-512, 2 FMA units"
     elif "fma" in flags:
         # AMD Zen 4 runs 512-bit ops on two 256-bit FMA pipes: 32 fp32 FLOP/cycle like AVX2
@@ -209,8 +253,10 @@ def peak_flops() -> (float, str):
     return mhz * 1e6 * per_cycle, f"{mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({unit}) per core"
 
 
-def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print):
-    """Build the random-weight model once and export the three variants; returns their results."""
+def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print,
+                    conv_bias_forms: Sequence[str] = ()):
+    """Build the random-weight model once and export the three variants; returns their results. ppfuse
+    deploy is also exported in each of ``conv_bias_forms`` other than the default (``forms``)."""
     size = config.input_size()
     built = build_model(config, deploy=False, seed=0)
     train = built.training_model
@@ -232,18 +278,23 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
             verify_seconds = time.perf_counter() - start
         result = VariantResult(name, directory, {}, 0, prepare, verify_seconds)
         try:
-            # ppdet's own path keeps its ESE mean; every variant gets the exact upsample (without which none
-            # runs under oneDNN)
-            ese_pool = name == "ppfuse deploy"
+            # ppdet's own path keeps its ESE mean and gets only the plain exact upsample (without which no
+            # variant runs under oneDNN); ppfuse deploy gets ppfuse's speed forms
+            speed_forms = name == "ppfuse deploy"
             save_inference_model(model, os.path.join(directory, MODEL_FILE), size, with_nms=with_nms,
-                                 ese_pool=ese_pool)
+                                 speed_forms=speed_forms)
+            if name == "ppfuse deploy":
+                for form in sorted(set(conv_bias_forms) - {DEFAULT_CONV_BIAS}):
+                    result.forms[form] = f"{directory}_{form}"
+                    save_inference_model(model, os.path.join(result.forms[form], MODEL_FILE), size,
+                                         with_nms=with_nms, conv_bias=form)
             result.ops = count_ops(directory)
             result.params_bytes = os.path.getsize(os.path.join(directory, PARAMS_FILE))
             if name != "train form" and onnx_available():  # the train form's `if` ops fail in every runtime
                 from . import onnx_support
                 staging = os.path.join(directory, "onnx_source")
                 save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms,
-                                     topk_before_nms=with_nms, ese_pool=ese_pool)
+                                     topk_before_nms=with_nms, speed_forms=speed_forms)
                 onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
                 if int8_available():
                     _quantize_variant(directory, size)
@@ -336,29 +387,36 @@ def _check_twice(call, reference: Reference, size, with_nms, precision: str = "f
 
 def measure(variants: Dict[str, VariantResult], rows: List[Row], inputs_by_batch, references,
             runs: int, warmup: int, size: List[int], with_nms: bool, progress=None) -> List[Measurement]:
-    """Interleaved latency of every (variant, row) pair, per batch size; parity on repeated runs."""
+    """Interleaved latency of every (row, variant) pair, per batch size; parity on repeated runs. A run
+    after another runtime's run first waits :data:`SETTLE_SECONDS` (:func:`needs_settle`), outside the timing."""
     results = []
     for batch, inputs in inputs_by_batch.items():
         cells = []
-        for variant in variants.values():
-            for row in rows:
-                if row.runtime != "paddle" and variant.name == "train form":
+        for row in rows:  # row-major: cells of one runtime follow each other, fewer settles per round
+            for variant in variants.values():
+                if variant.name == "train form" and (row.runtime != "paddle" or row.conv_bias != DEFAULT_CONV_BIAS):
                     continue
                 cell = Measurement(variant.name, row.name, batch)
                 if variant.error:
                     cell.error = "not exported"
                 else:
                     try:
-                        model = runtimes.load(variant.directory, row.runtime, row.options)
+                        directory = (variant.directory_for(row.conv_bias) if variant.name == "ppfuse deploy"
+                                     else variant.directory)
+                        model = runtimes.load(directory, row.runtime, row.options)
                         call = (lambda model=model: list(model.run(inputs).values()))
                         cell.parity = _check_twice(call, references[batch], size, with_nms, row.options.precision)
-                        cells.append((cell, call, row.options.precision))
+                        cells.append((cell, call, row))
                     except Exception as exc:
                         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
                 results.append(cell)
-        last = {}
+        last, previous = {}, None
         for round_index in range(warmup + runs):
-            for index, (cell, call, _) in enumerate(cells):
+            for index in rotated(len(cells), round_index):
+                cell, call, row = cells[index]
+                if needs_settle(previous, row.runtime):
+                    time.sleep(SETTLE_SECONDS)
+                previous = row.runtime
                 start = time.perf_counter()
                 last[index] = call()
                 elapsed = time.perf_counter() - start
@@ -366,8 +424,8 @@ def measure(variants: Dict[str, VariantResult], rows: List[Row], inputs_by_batch
                     cell.times.append(elapsed)
                 if progress:
                     progress()
-        for index, (cell, _, precision) in enumerate(cells):  # still right after all the runs?
-            ok, text = parity(references[batch], last[index], size, with_nms, precision)
+        for index, (cell, _, row) in enumerate(cells):  # still right after all the runs?
+            ok, text = parity(references[batch], last[index], size, with_nms, row.options.precision)
             if not ok and not cell.parity.startswith("FAILS"):
                 cell.parity = f"FAILS on the last timed run: {text}"
         del cells, last
@@ -431,13 +489,13 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
     """Export the variants of ``config``'s model and measure them side by side."""
     paddle.set_device("cpu")
     size = config.input_size()
-    built, variants = export_variants(config, workdir, with_nms, log)
     notes: List[str] = []
 
     def note(line: str) -> None:
         notes.append(line)
         log(line)
     rows = cpu_rows(threads, extra_deleted, note) + gpu_rows()
+    built, variants = export_variants(config, workdir, with_nms, log, [row.conv_bias for row in rows])
     inputs_by_batch, references = {}, {}
     for batch in batches:
         inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch, with_nms)

@@ -137,7 +137,7 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
             training_dir = os.path.join(workdir, "training_form")
             os.makedirs(training_dir, exist_ok=True)
             export.save_inference_model(detectors.ppdet_path(built.training_model), os.path.join(training_dir, "model"),
-                                        row.input_size, ese_pool=False)
+                                        row.input_size, speed_forms=False)
             training = load(training_dir, "paddle", options)
             for runtime in (training, deployed):  # warm-up
                 runtime.run(feeds)

@@ -94,6 +94,18 @@ def test_tracing_leaves_the_model_without_traced_values():
     copy.deepcopy(built.model)
 
 
+@pytest.mark.parametrize("channels,factor", [(3, 2), (32, 2), (48, 3), (20, 4)])
+def test_nearest_upsample_as_transposed_conv_is_bit_exact(channels, factor):
+    """Groups of 16 channels where they divide C, one group otherwise; every factor: equal to Paddle's op."""
+    x = paddle.to_tensor(np.random.RandomState(channels).normal(size=(2, channels, 5, 6)).astype("float32"))
+    np.testing.assert_array_equal(export.upsample_by_deconv(x, factor).numpy(),
+                                  F.interpolate(x, scale_factor=factor, mode="nearest").numpy())
+    kernel = export.upsample_kernel(channels, factor)
+    group = 16 if channels % 16 == 0 else channels
+    assert kernel.shape == (channels, group, factor, factor)
+    assert kernel.sum() == channels * factor * factor  # one 1 per output channel and tap, the rest zeros
+
+
 def test_nearest_rewrite_is_exact_for_scale_and_size():
     x = paddle.to_tensor(np.random.RandomState(1).normal(size=(2, 3, 4, 5)).astype("float32"))
     by_scale = F.interpolate(x, scale_factor=2, mode="nearest").numpy()

@@ -215,9 +215,10 @@ def test_exported_program_has_the_ese_mean_as_pooling(exported):
     _, raw_result = exported
     ops = export.count_ops(raw_result.directory)
     assert ops.get("mean", 0) == 0 and ops["pool2d"] >= 4  # 4 ESE + SPP's max pools + the head's ESE pools
+    assert ops["conv2d_transpose"] == 2 and ops.get("expand", 0) == 0  # the neck's two x2 upsamples
     with open(os.path.join(raw_result.directory, export.REPORT_FILE)) as f:
         rewrites = json.load(f)["rewrites"]
-    assert rewrites == {"nearest_upsample": "reshape+expand+reshape", "leaky_relu": "maximum(x, slope * x)",
+    assert rewrites == {"nearest_upsample": export.UPSAMPLE_FORM, "leaky_relu": "maximum(x, slope * x)",
                         "bilinear_x2": "slices and weighted sums",
                         "ese_mean": "adaptive_avg_pool2d", "conv_bias": "in_conv"}
 

@@ -78,3 +78,20 @@ def test_benchmark_int8_cells_show_their_drift_and_fail_only_when_broken():
     assert ok and text.startswith("int8 drift: box mean 10 px") and "not judged" in text, text
     ok, text = parity(reference, [boxes, np.full_like(scores, np.nan)], size, with_nms=False, precision="int8")
     assert not ok and text.startswith("differ: int8 drift"), text
+
+
+def test_benchmark_rounds_rotate_so_every_cell_leads_once():
+    from ppfuse.benchmark import rotated
+    orders = [rotated(4, r) for r in range(4)]
+    assert orders[1] == [1, 2, 3, 0] and orders[4 % 4] == [0, 1, 2, 3]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)  # each round runs every cell once
+    assert sorted(order[0] for order in orders) == [0, 1, 2, 3]  # and each cell is first in one round
+    assert rotated(0, 5) == []
+
+
+def test_benchmark_settles_between_runtimes_but_not_between_paddle_predictors():
+    from ppfuse.benchmark import needs_settle
+    assert not needs_settle(None, "openvino")  # the first run
+    assert not needs_settle("paddle", "paddle")  # one OpenMP pool
+    assert needs_settle("paddle", "onnxruntime") and needs_settle("onnxruntime", "paddle")
+    assert needs_settle("openvino", "openvino") and needs_settle("onnxruntime", "onnxruntime")  # own pools
