@@ -60,6 +60,14 @@ def base_parser(description: str, config: bool = True) -> argparse.ArgumentParse
     return parser
 
 
+def add_export_and_images(parser: argparse.ArgumentParser) -> None:
+    """``--model_dir`` (an export) and one of ``--image_file`` / ``--image_dir``: the tools that run an export."""
+    parser.add_argument("--model_dir", required=True, help="directory written by tools/export_deploy.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image_file", help="one image")
+    source.add_argument("--image_dir", help="a folder of images")
+
+
 def is_noise(line: str) -> bool:
     """Whether one output line is third-party noise (:data:`THIRD_PARTY_NOISE`)."""
     return any(pattern.search(line) for pattern in THIRD_PARTY_NOISE)

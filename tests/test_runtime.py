@@ -21,7 +21,7 @@ from conftest import ROOT
 from ppfuse import detection, export, runtime
 from ppfuse.errors import InferenceError
 from ppfuse.runtime import base
-from test_errors import INFER, expect_error, run_tool
+from test_errors import INFER, expect_error, load_tool, run_tool
 
 CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
 SIZE = 320
@@ -229,3 +229,61 @@ def test_openvino_profile_names_the_kernels_that_ran(raw_export):
     model.run(inputs)
     wall = (time.perf_counter() - start) * 1000
     assert 0 < sum(times.values()) <= 3 * wall
+
+
+# --- the same export in every runtime, detection by detection (tools/compare_runtimes.py) -----------------------
+
+def _detections(rows):
+    from ppfuse.inference import Detections
+    rows = np.asarray(rows, dtype="float32").reshape(-1, 6)
+    return Detections(rows[:, 2:], rows[:, 1], rows[:, 0].astype("int64"))
+
+
+def test_detections_pair_by_class_and_box_within_the_tolerance():
+    from ppfuse.runtime_parity import match_detections
+    reference = _detections([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 10, 10, 50, 50], [0, 0.4, 100, 100, 140, 160]])
+    # the first moved 0.5 px and rescored; the class-1 box became class 2; the third moved 3 px; one extra
+    candidate = _detections([[0, 0.88, 10.5, 10, 50, 50.25], [2, 0.8, 10, 10, 50, 50], [0, 0.4, 103, 100, 140, 160],
+                             [0, 0.35, 200, 200, 220, 220]])
+    match = match_detections(reference, candidate, box_tolerance=1.0)
+    assert (match.reference, match.candidate, match.matched) == (3, 4, 1) and not match.same
+    assert match.max_box_diff == pytest.approx(0.5) and match.max_score_diff == pytest.approx(0.02)
+    # unpaired: reference's class-1 (0.8) and moved box (0.4); candidate's class-2 (0.8), moved (0.4), extra (0.35)
+    assert sorted(match.unmatched_scores) == pytest.approx([0.35, 0.4, 0.4, 0.8, 0.8])
+    assert match_detections(reference, candidate, box_tolerance=3.0).matched == 2
+
+
+def test_each_reference_detection_takes_its_closest_candidate_once():
+    from ppfuse.runtime_parity import match_detections
+    reference = _detections([[0, 0.9, 10, 10, 50, 50], [0, 0.7, 10.6, 10, 50, 50]])
+    candidate = _detections([[0, 0.7, 10.6, 10, 50, 50], [0, 0.9, 10.1, 10, 50, 50]])
+    match = match_detections(reference, candidate, box_tolerance=1.0)
+    assert match.same and match.max_box_diff == pytest.approx(0.1, abs=1e-5)  # 10 -> 10.1, 10.6 -> 10.6
+
+
+COMPARE = load_tool("compare_runtimes")
+
+
+def test_compare_runtimes_runs_every_runtime_says_what_ran_and_warns_on_random_weights(nms_export, capsys):
+    directory, image, tmp = nms_export
+    out = str(tmp / "compare")
+    code, stdout, err = run_tool(COMPARE, ["--model_dir", directory, "--image_file", image, "--output_dir", out],
+                                 capsys)
+    assert code == 0, err
+    table = open(os.path.join(out, "compare_runtimes.md")).read()
+    assert "**Random weights**" in table and runtime.cpu_model() in table
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines()
+            if line.startswith("| paddle") or line.startswith("| onnx") or line.startswith("| openvino")}
+    assert len(rows) == sum(len(p) for p in runtime.CPU_PRECISIONS.values())  # every combination has a row
+    assert "| reference |" in rows[("paddle", "fp32")]
+    checked = 0
+    for (name, precision), line in rows.items():
+        installed = name == "paddle" or (ONNX_EXTRA and runtime.available(name))
+        if precision == "int8" or not installed:
+            assert "not run: " in line, line  # no model_int8.onnx written, or the extra missing
+        elif precision == "bf16" and not base.bf16_supported():
+            assert "not run: " in line and "no bf16 instructions" in line, line
+        else:
+            assert f"{precision} requested, {precision} ran" in line, line
+            checked += 1
+    assert checked >= 1 + ONNX_EXTRA  # paddle fp32, and onnxruntime fp32 with the extra

@@ -29,10 +29,7 @@ from ppfuse import cli  # noqa: E402
 
 def run(argv):
     parser = cli.base_parser(__doc__.splitlines()[0], config=False)
-    parser.add_argument("--model_dir", required=True, help="directory written by tools/export_deploy.py")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image_file", help="one image")
-    source.add_argument("--image_dir", help="a folder of images")
+    cli.add_export_and_images(parser)
     parser.add_argument("--runtime", default="paddle", help="paddle (Paddle Inference, default), onnxruntime "
                         "or openvino (both run model.onnx: export with --onnx)")
     parser.add_argument("--device", default="cpu", help="cpu or gpu")
