@@ -29,10 +29,10 @@ its time alone in a fresh process within 3%. Each round starts one cell later th
 one before (:func:`rotated`), so no cell is always the first after a pause or
 always the one after a particular model.
 
-Rows are runtimes with the export ppfuse recommends for them: Paddle Inference
-without oneDNN gets a second row with ppfuse deploy's ``--conv_bias
-channel_add`` export (the form Paddle's plain CPU kernels run faster), so both
-forms are measured there.
+Each runtime runs what an export gives it: Paddle Inference without oneDNN
+runs ppfuse deploy's ``model_plain.json`` (conv biases as ``[C, 1, 1]`` adds,
+the form Paddle's plain CPU kernels run faster), every other row ``model.json``
+or ``model.onnx``.
 
 By default the exported programs end before NMS: NMS is the same in every
 variant, and with random weights it has thousands of candidate boxes a
@@ -66,8 +66,8 @@ from . import runtime as runtimes
 from .convert import convert
 from .detection import DetectionConfig, DetectorForInference, build_model, raw_outputs_float64, sample_inputs
 from .detectors import ppdet_path
-from .export import (DEFAULT_ATOL, DEFAULT_CONV_BIAS, DEFAULT_RTOL, count_ops, detector_outputs,
-                     save_inference_model, verify_deployed)
+from .export import (DEFAULT_ATOL, DEFAULT_RTOL, count_ops, detector_outputs, save_inference_model,
+                     save_plain_program, verify_deployed)
 from .export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
 from .verify import compare_detections, judge
 
@@ -81,7 +81,6 @@ class Row:
     name: str
     runtime: str
     options: runtimes.RuntimeOptions
-    conv_bias: str = DEFAULT_CONV_BIAS  # which ppfuse deploy export this row runs (export.CONV_BIAS_FORMS)
 
 
 # seconds a timed run waits after another runtime's run: longer than the 200 ms Paddle's OpenMP threads
@@ -116,8 +115,6 @@ def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Cal
     if bf16:
         rows.append(Row("Paddle Inference oneDNN bf16", "paddle", options(precision="bf16")))
     rows.append(Row("Paddle Inference no oneDNN fp32", "paddle", options(onednn=False)))
-    rows.append(Row("Paddle Inference no oneDNN fp32, ppfuse --conv_bias channel_add", "paddle",
-                    options(onednn=False), conv_bias="channel_add"))
     for name, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
         if not (onnx_available() and runtimes.available(name)):
             log(f"not measured: {title} (needs the [onnx] extra to write model.onnx and the [{name}] extra)"
@@ -178,10 +175,6 @@ class VariantResult:
     prepare_seconds: float = 0.0
     verify_seconds: float = 0.0
     error: Optional[str] = None
-    forms: Dict[str, str] = field(default_factory=dict)  # other conv_bias forms' export directories
-
-    def directory_for(self, conv_bias: str) -> str:
-        return self.forms.get(conv_bias, self.directory)
 
 
 @dataclass
@@ -253,10 +246,9 @@ def peak_flops() -> (float, str):
     return mhz * 1e6 * per_cycle, f"{mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({unit}) per core"
 
 
-def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print,
-                    conv_bias_forms: Sequence[str] = ()):
+def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print):
     """Build the random-weight model once and export the three variants; returns their results. ppfuse
-    deploy is also exported in each of ``conv_bias_forms`` other than the default (``forms``)."""
+    deploy gets its ``model_plain.json`` as its export does (the ppdet path has no conv biases to write)."""
     size = config.input_size()
     built = build_model(config, deploy=False, seed=0)
     train = built.training_model
@@ -284,10 +276,7 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
             save_inference_model(model, os.path.join(directory, MODEL_FILE), size, with_nms=with_nms,
                                  speed_forms=speed_forms)
             if name == "ppfuse deploy":
-                for form in sorted(set(conv_bias_forms) - {DEFAULT_CONV_BIAS}):
-                    result.forms[form] = f"{directory}_{form}"
-                    save_inference_model(model, os.path.join(result.forms[form], MODEL_FILE), size,
-                                         with_nms=with_nms, conv_bias=form)
+                save_plain_program(model, directory, size, with_nms)
             result.ops = count_ops(directory)
             result.params_bytes = os.path.getsize(os.path.join(directory, PARAMS_FILE))
             if name != "train form" and onnx_available():  # the train form's `if` ops fail in every runtime
@@ -394,16 +383,14 @@ def measure(variants: Dict[str, VariantResult], rows: List[Row], inputs_by_batch
         cells = []
         for row in rows:  # row-major: cells of one runtime follow each other, fewer settles per round
             for variant in variants.values():
-                if variant.name == "train form" and (row.runtime != "paddle" or row.conv_bias != DEFAULT_CONV_BIAS):
+                if row.runtime != "paddle" and variant.name == "train form":
                     continue
                 cell = Measurement(variant.name, row.name, batch)
                 if variant.error:
                     cell.error = "not exported"
                 else:
                     try:
-                        directory = (variant.directory_for(row.conv_bias) if variant.name == "ppfuse deploy"
-                                     else variant.directory)
-                        model = runtimes.load(directory, row.runtime, row.options)
+                        model = runtimes.load(variant.directory, row.runtime, row.options)
                         call = (lambda model=model: list(model.run(inputs).values()))
                         cell.parity = _check_twice(call, references[batch], size, with_nms, row.options.precision)
                         cells.append((cell, call, row))
@@ -495,7 +482,7 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
         notes.append(line)
         log(line)
     rows = cpu_rows(threads, extra_deleted, note) + gpu_rows()
-    built, variants = export_variants(config, workdir, with_nms, log, [row.conv_bias for row in rows])
+    built, variants = export_variants(config, workdir, with_nms, log)
     inputs_by_batch, references = {}, {}
     for batch in batches:
         inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch, with_nms)

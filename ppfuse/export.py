@@ -27,6 +27,7 @@ needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import functools
 import json
 import os
@@ -46,8 +47,11 @@ from . import checkpoint, detectors, layers
 from .detection import (BuiltModel, DetectionConfig, DetectorForInference, build_model,  # noqa: F401
                         detector_input_spec, raw_outputs_float64, sample_inputs)
 from .errors import ConfigError, ExportError, VerificationError
-from .export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, ONNX_FILE, REPORT_FILE,  # noqa: F401
+from .export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, ONNX_FILE, PARAMS_FILE,  # noqa: F401
+                            PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, REPORT_FILE,
                             program_file, require_paddle_3)
+from .runtime.base import RuntimeOptions
+from .runtime.paddle_inference import create_predictor, run_predictor
 from .verify import VerificationResult, compare, judge
 
 COUNTED_OPS = ("conv2d", "depthwise_conv2d", "deformable_conv", "conv2d_transpose", "batch_norm", "add",
@@ -343,6 +347,34 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
         paddle.jit.save(static, path_prefix)
 
 
+def save_plain_program(model: nn.Layer, directory: str, size: List[int], with_nms: bool = True) -> None:
+    """Write ``model_plain.json`` next to an export's ``model.json`` (conv biases in oneDNN's form): the same
+    network with the biases as ``[C, 1, 1]`` adds, the form Paddle's plain CPU kernels run faster (oneDNN
+    off, batch > 1; Paddle Inference picks it then, :func:`ppfuse.runtime.paddle_inference.create_predictor`).
+    It reads the export's ``model.pdiparams``: its own weights file is checked byte-identical, then removed.
+    Both programs then run in Paddle Inference with oneDNN off on a generated image (batch 1: some families'
+    post-processing takes no more); their outputs must be identical (the same sums in the same kernels), or
+    nothing is kept and :class:`ExportError` says so.
+    """
+    save_inference_model(model, os.path.join(directory, PLAIN_MODEL_FILE), size, with_nms, conv_bias="channel_add")
+    own_params = os.path.join(directory, PLAIN_MODEL_FILE + ".pdiparams")
+    same_weights = filecmp.cmp(own_params, os.path.join(directory, PARAMS_FILE), shallow=False)
+    os.remove(own_params)
+    plain = os.path.join(directory, PLAIN_PROGRAM_FILE)
+    problem = None if same_weights else "its weights file differs from model.pdiparams"
+    if problem is None:
+        values = {name: tensor.numpy() for name, tensor in detectors.generated_inputs(size, 1, 7).items()}
+        options = RuntimeOptions(onednn=False)
+        outputs = [run_predictor(create_predictor(directory, options, program), values)
+                   for program in (program_file(directory), plain)]
+        if not all(np.array_equal(a, b) for a, b in zip(*outputs)):
+            problem = "its outputs differ from model.json's with oneDNN off"
+    if problem:
+        os.remove(plain)
+        raise ExportError(f"{PLAIN_PROGRAM_FILE} (conv biases as [C, 1, 1] adds): {problem}; export with "
+                          "--conv_bias channel_add for Paddle Inference without oneDNN")
+
+
 def _inputs_used(concrete) -> tuple:
     """Names of the traced inputs some output depends on (ops inside if/loop regions count as using
     everything they read)."""
@@ -575,7 +607,8 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     Args:
         strict: fail when any BatchNorm would stay unfolded (otherwise warn).
         conv_bias: how ``model.json`` writes conv biases (:data:`CONV_BIAS_FORMS`): ``in_conv``
-            (default; oneDNN fuses it) or ``channel_add`` (faster with oneDNN off, batch > 1).
+            (default; oneDNN fuses it; ``model_plain.json`` is written too, :func:`save_plain_program`) or
+            ``channel_add`` (faster with oneDNN off, batch > 1; ``model.json`` only).
         onnx: also write ``model.onnx`` (paddle2onnx), checked against Paddle
             Inference: no BatchNormalization or If node, outputs within tolerance.
 
@@ -619,6 +652,8 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     start = time.perf_counter()
     with atomic_directory(target) as tmp:
         save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms, conv_bias=conv_bias)
+        if conv_bias != "channel_add":
+            save_plain_program(built.model, tmp, size, with_nms)
         _infer_cfg(config, os.path.join(tmp, INFER_CFG), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
@@ -631,6 +666,9 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "verification": verification.to_dict(),
             "verified_against": "training form" if built.training_model is not None else "deployed model as loaded",
             "rewrites": rewrites_report(conv_bias),
+            "programs": {"model.json": f"conv biases {conv_bias}",
+                         **({PLAIN_PROGRAM_FILE: "conv biases channel_add, for Paddle Inference with oneDNN off"}
+                            if conv_bias != "channel_add" else {})},
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
             "fp16_overflow": overflow,
             "onnx": onnx_report,

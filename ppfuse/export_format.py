@@ -7,6 +7,9 @@ without importing each other. Imports nothing of ppfuse but its errors.
 An export directory (``tools/export_deploy.py``)::
 
     model.json, model.pdiparams   the inference program (PIR) and its weights
+    model_plain.json              the same network with conv biases as [C, 1, 1] adds, for Paddle
+                                  Inference with oneDNN off (its plain CPU kernels run that form
+                                  faster); reads model.pdiparams
     model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO
     model_int8.onnx               tools/quantize.py: model.onnx quantized to int8 (QDQ), for the same two
     infer_cfg.yml                 PaddleDetection's deploy config (preprocessing, labels)
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .errors import ExportError
 
 MODEL_FILE = "model"  # the prefix paddle.jit.save writes
 PROGRAM_FILES = (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel")  # PIR; the older format, still readable
 PARAMS_FILE = MODEL_FILE + ".pdiparams"
+PLAIN_MODEL_FILE = "model_plain"  # the prefix of the oneDNN-off program; its weights are PARAMS_FILE
+PLAIN_PROGRAM_FILE = PLAIN_MODEL_FILE + ".json"
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model_int8.onnx"  # written by ppfuse.quantize, recorded in the report under "int8"
 INFER_CFG = "infer_cfg.yml"
@@ -62,6 +67,12 @@ def program_file(model_dir: str, error: type = ExportError) -> str:
         if os.path.exists(path):
             return path
     raise error(f"{model_dir}: no {' or '.join(PROGRAM_FILES)}; is this an exported model directory?")
+
+
+def plain_program_file(model_dir: str) -> Optional[str]:
+    """The export's program for Paddle Inference with oneDNN off (``model_plain.json``), or None."""
+    path = os.path.join(model_dir, PLAIN_PROGRAM_FILE)
+    return path if os.path.exists(path) else None
 
 
 def read_report(model_dir: str) -> dict:

@@ -97,7 +97,7 @@ def exported(config, tmp_path_factory):
 def test_export_writes_every_file_and_a_clean_program(exported):
     result, _ = exported
     names = sorted(os.listdir(result.directory))
-    assert names == ["infer_cfg.yml", "model.json", "model.pdiparams", "model_deploy.pdparams",
+    assert names == ["infer_cfg.yml", "model.json", "model.pdiparams", "model_deploy.pdparams", "model_plain.json",
                      "ppfuse_report.json"]
     ops = result.op_counts
     assert ops.get("batch_norm", 0) == 0 and ops.get("if", 0) == 0 and ops.get("nearest_interp", 0) == 0

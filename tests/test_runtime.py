@@ -205,12 +205,46 @@ def test_accuracy_tool_refuses_an_unknown_runtime_before_training(capsys, tmp_pa
                  r"^error: --runtime tensorflow: use one of paddle, onnxruntime, openvino", out)
 
 
-def test_onednn_off_on_an_export_of_the_onednn_bias_form_says_which_export_to_use(raw_export, capsys):
-    directory = raw_export[0]
-    runtime.load(directory, "paddle", runtime.RuntimeOptions(onednn=False))
-    assert "export with --conv_bias channel_add" in capsys.readouterr().err
-    runtime.load(directory, "paddle", runtime.RuntimeOptions())
-    assert "channel_add" not in capsys.readouterr().err
+def test_onednn_off_runs_the_plain_program_with_the_same_outputs(raw_export, capsys):
+    """The export writes model_plain.json (biases as [C, 1, 1] adds) for Paddle Inference without oneDNN;
+    it reads model.pdiparams and gives model.json's outputs exactly (the same sums in the same kernels)."""
+    from ppfuse.runtime.paddle_inference import create_predictor, program_for, run_predictor
+    directory, inputs = raw_export[0], raw_export[1]
+    off, on = runtime.RuntimeOptions(onednn=False), runtime.RuntimeOptions()
+    assert program_for(directory, off).endswith("model_plain.json") and program_for(directory, on).endswith("model.json")
+    assert not os.path.exists(os.path.join(directory, "model_plain.pdiparams"))
+    plain = runtime.load(directory, "paddle", off).run(inputs)
+    assert "WARNING" not in capsys.readouterr().err
+    main = run_predictor(create_predictor(directory, off, os.path.join(directory, "model.json")), inputs)
+    for got, want in zip(plain.values(), main):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_export_without_the_plain_program_says_so_with_onednn_off(raw_export, tmp_path, capsys):
+    import shutil
+    old = str(tmp_path / "old_export")
+    shutil.copytree(raw_export[0], old)
+    os.remove(os.path.join(old, "model_plain.json"))  # as exports before model_plain.json were
+    runtime.load(old, "paddle", runtime.RuntimeOptions(onednn=False))
+    assert "has no model_plain.json" in capsys.readouterr().err
+    runtime.load(old, "paddle", runtime.RuntimeOptions())
+    assert "model_plain" not in capsys.readouterr().err
+
+
+def _conv_off_by_a_thousandth(self, x):
+    return 1.001 * export._CONV2D_FORWARD(self, x)
+
+
+def test_a_plain_program_that_differs_is_refused_and_not_kept(tmp_path, monkeypatch):
+    """save_plain_program runs both programs with oneDNN off: a plain form off by 0.1% is refused, one line."""
+    config = detection.load_config(CONFIG)
+    built = detection.build_model(config, deploy=True, seed=0)
+    directory = str(tmp_path / "export")
+    export.save_inference_model(built.model, os.path.join(directory, "model"), [SIZE, SIZE])
+    monkeypatch.setattr(export, "_conv2d_bias_per_channel", _conv_off_by_a_thousandth)
+    with pytest.raises(export.ExportError, match=r"^model_plain.json .*outputs differ from model.json's"):
+        export.save_plain_program(built.model, directory, [SIZE, SIZE])
+    assert sorted(os.listdir(directory)) == ["model.json", "model.pdiparams"]
 
 
 @pytest.mark.skipif(not runtime.available("openvino") or not ONNX_EXTRA, reason="needs the [openvino] extra")

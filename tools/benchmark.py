@@ -4,8 +4,8 @@
         [-c configs/ppyoloe/ppyoloe_plus_crn_l_80e_coco.yml] [--threads 2] [--runs 30] \
         [--output_dir output_bench] [--with_nms] [--delete_passes constant_folding_pass ...]
 
-Rows: Paddle Inference (oneDNN fp32 and bf16, no oneDNN -- also with ppfuse's --conv_bias channel_add
-export, the form for that path), ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and int8 -- each that can
+Rows: Paddle Inference (oneDNN fp32 and bf16, no oneDNN -- ppfuse deploy's model_plain.json there, the form
+for that path), ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and int8 -- each that can
 run here (extras installed; bf16 on a CPU with bf16 instructions), the others listed with the reason.
 The CPU model and its ISA flags (avx512_bf16, AMX) head the tables. A run that follows another runtime's
 run waits 0.3 s first, so that runtime's spinning threads do not take the cores (ppfuse/benchmark.py).

@@ -34,7 +34,9 @@ def run(argv):
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra)")
     parser.add_argument("--conv_bias", choices=["in_conv", "channel_add"], default="in_conv",
                         help="how model.json writes conv biases: in_conv (default: Paddle's own form, fused into "
-                        "the conv by oneDNN) or channel_add (a [C,1,1] add: faster with --onednn off at batch > 1)")
+                        "the conv by oneDNN; model_plain.json holds the other form, which ppfuse's Paddle Inference "
+                        "runs with oneDNN off) or channel_add (a [C,1,1] add, faster with oneDNN off at batch > 1; "
+                        "for readers of model.json that run without oneDNN)")
     args = parser.parse_args(argv)
 
     from ppfuse import detection, export

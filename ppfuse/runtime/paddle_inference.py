@@ -29,7 +29,7 @@ import numpy as np
 import paddle
 
 from ..errors import InferenceError
-from ..export_format import PARAMS_FILE, program_file, read_report, require_paddle_3
+from ..export_format import PARAMS_FILE, plain_program_file, program_file, read_report, require_paddle_3
 from .base import PrecisionReport, Runtime, RuntimeOptions, check_options
 
 # passes that, deleted with oneDNN on, make Paddle 3.3.1 give wrong outputs after the first run
@@ -49,8 +49,16 @@ def check_device(options: RuntimeOptions) -> None:
         raise InferenceError("--precision bf16 runs through oneDNN; drop --onednn off (or use --precision fp32)")
 
 
-def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None):
-    """A Paddle Inference predictor for an exported directory."""
+def program_for(model_dir: str, options: RuntimeOptions) -> str:
+    """The program file Paddle Inference runs: ``model_plain.json`` on CPU with oneDNN off where the export
+    wrote one, else ``model.json``."""
+    plain = plain_program_file(model_dir) if options.device == "cpu" and not options.onednn else None
+    return plain or program_file(model_dir)
+
+
+def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None, program: Optional[str] = None):
+    """A Paddle Inference predictor for an exported directory: its ``model.json``, or on CPU with oneDNN
+    off its ``model_plain.json`` where the export wrote one (``program`` chooses a file instead)."""
     options = options or RuntimeOptions()
     require_paddle_3(InferenceError)
     check_device(options)
@@ -61,7 +69,8 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None):
             print(f"WARNING: {len(overflow)} weights of {model_dir} exceed the float16 range (first {name}, "
                   f"|w| up to {max(overflow.values()):.3g}); fp16 results will contain Inf/NaN -- use fp32",
                   file=sys.stderr)
-    program = program_file(model_dir)
+    plain = plain_program_file(model_dir) if options.device == "cpu" and not options.onednn else None
+    program = program or program_for(model_dir, options)
     params = os.path.join(model_dir, PARAMS_FILE)
     if not os.path.exists(params):
         raise InferenceError(f"{model_dir}: {PARAMS_FILE} is missing; export the model again")
@@ -84,11 +93,12 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None):
                 config.enable_onednn_bfloat16()
         else:
             config.disable_onednn()
-            if (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv":
-                # measured 2026-11-26 (README, Benchmark): 1.19x the ppdet path at batch 2 on s, 1.08x on l
-                print(f"WARNING: {model_dir} keeps conv biases in the form oneDNN fuses; with oneDNN off, "
-                      "Paddle's own kernels add them slowly at batch > 1 -- for that path export with "
-                      "--conv_bias channel_add", file=sys.stderr)
+            if not plain and (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv":
+                # an export from before model_plain.json; measured 2026-11-26 (README, Benchmark): 1.17-1.23x
+                # the ppdet path at batch 2 on s, 1.09x on l
+                print(f"WARNING: {model_dir} keeps conv biases in the form oneDNN fuses and has no "
+                      "model_plain.json; with oneDNN off, Paddle's own kernels add them slowly at batch > 1 -- "
+                      "export it again (or with --conv_bias channel_add)", file=sys.stderr)
     for name in options.delete_passes:
         if options.device == "cpu" and options.onednn and name in UNSAFE_TO_DELETE_WITH_ONEDNN:
             print(f"WARNING: deleting {name} with oneDNN on: Paddle {paddle.__version__} then gives wrong "
@@ -166,7 +176,8 @@ def onednn_convolution_types(call) -> Optional[Dict[str, int]]:
 
 
 class PaddleInference(Runtime):
-    """An export's ``model.json`` in Paddle Inference (oneDNN on CPU by default)."""
+    """An export's ``model.json`` in Paddle Inference (oneDNN on CPU by default; with oneDNN off, its
+    ``model_plain.json`` where there is one, :func:`create_predictor`)."""
 
     name = "paddle"
     title = "Paddle Inference"
