@@ -650,9 +650,10 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             f"verified against the deployed model as loaded: {verification.summary()}")
     target = os.path.join(output_dir, config.name)
     start = time.perf_counter()
+    plain = conv_bias != "channel_add"  # model.json is not already the plain form: write model_plain.json too
     with atomic_directory(target) as tmp:
         save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms, conv_bias=conv_bias)
-        if conv_bias != "channel_add":
+        if plain:
             save_plain_program(built.model, tmp, size, with_nms)
         _infer_cfg(config, os.path.join(tmp, INFER_CFG), size, built.model)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
@@ -668,7 +669,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "rewrites": rewrites_report(conv_bias),
             "programs": {"model.json": f"conv biases {conv_bias}",
                          **({PLAIN_PROGRAM_FILE: "conv biases channel_add, for Paddle Inference with oneDNN off"}
-                            if conv_bias != "channel_add" else {})},
+                            if plain else {})},
             "op_counts": {op: ops.get(op, 0) for op in COUNTED_OPS},
             "fp16_overflow": overflow,
             "onnx": onnx_report,

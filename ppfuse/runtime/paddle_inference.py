@@ -29,7 +29,8 @@ import numpy as np
 import paddle
 
 from ..errors import InferenceError
-from ..export_format import PARAMS_FILE, plain_program_file, program_file, read_report, require_paddle_3
+from ..export_format import (PARAMS_FILE, PLAIN_PROGRAM_FILE, plain_program_file, program_file, read_report,
+                             require_paddle_3)
 from .base import PrecisionReport, Runtime, RuntimeOptions, check_options
 
 # passes that, deleted with oneDNN on, make Paddle 3.3.1 give wrong outputs after the first run
@@ -69,7 +70,6 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None, p
             print(f"WARNING: {len(overflow)} weights of {model_dir} exceed the float16 range (first {name}, "
                   f"|w| up to {max(overflow.values()):.3g}); fp16 results will contain Inf/NaN -- use fp32",
                   file=sys.stderr)
-    plain = plain_program_file(model_dir) if options.device == "cpu" and not options.onednn else None
     program = program or program_for(model_dir, options)
     params = os.path.join(model_dir, PARAMS_FILE)
     if not os.path.exists(params):
@@ -93,7 +93,8 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None, p
                 config.enable_onednn_bfloat16()
         else:
             config.disable_onednn()
-            if not plain and (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv":
+            if (os.path.basename(program) != PLAIN_PROGRAM_FILE
+                    and (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv"):
                 # an export from before model_plain.json; measured 2026-11-26 (README, Benchmark): 1.17-1.23x
                 # the ppdet path at batch 2 on s, 1.09x on l
                 print(f"WARNING: {model_dir} keeps conv biases in the form oneDNN fuses and has no "
