@@ -12,7 +12,7 @@ needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
 2. trace it with ``paddle.jit.to_static(full_graph=True)`` under
    :func:`deploy_rewrites`, forms Paddle Inference's oneDNN path runs (fast)
    (each verified with the rest of the deployed model, see :func:`verify_deployed`):
-   nearest upsampling as a transposed conv with an identity kernel (bit-exact,
+   nearest upsampling as a transposed conv with an identity kernel (exact,
    and oneDNN keeps its blocked layout through it) and other resizes as
    gathers (oneDNN's ``nearest_interp``/``bilinear_interp`` fail), ``leaky_relu``
    as ``maximum`` (oneDNN's conv + leaky_relu fusion crashes), CSPResNet's ESE
@@ -76,7 +76,8 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
     bilinear x2 (half-pixel) as slices and weighted sums (:func:`_bilinear_x2`): oneDNN fails on both
     interp ops.
 
-    Nearest: ``out[i, j] = in[i // s, j // s]`` exactly, so the result is bit-identical; an integer ``size``
+    Nearest: ``out[i, j] = in[i // s, j // s]`` exactly (the transposed conv turns -0.0 into +0.0, the same
+    value; reshape+expand is bit-identical); an integer ``size``
     that is the same integer multiple of a static input height and width counts as that factor. Bilinear:
     the kernel's weights in its order (equal up to fp32 rounding at the borders; verified with the rest of
     the export). Anything else goes to ``F.interpolate`` unchanged.

@@ -13,6 +13,8 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ppfuse import coverage, detection, detectors, export, inference
 from ppfuse.errors import ModelError
@@ -246,3 +248,18 @@ def test_rotated_detections_get_their_bounding_boxes():
     np.testing.assert_array_equal(found.boxes, [[10, 15, 35, 45], [1, 2, 7, 8]])
     np.testing.assert_array_equal(found.classes, [3, 1])
     np.testing.assert_allclose(found.scores, [0.9, 0.5])
+
+
+@settings(max_examples=int(os.environ.get("PPFUSE_ADVERSARIAL_EXAMPLES", "60")), deadline=None)
+@given(channels=st.integers(1, 70), factor=st.integers(2, 4), height=st.integers(1, 7), width=st.integers(1, 7),
+       batch=st.integers(1, 2), by_size=st.booleans(), scale=st.sampled_from([1e-30, 1.0, 1e30]))
+def test_generated_upsamples_equal_paddles_nearest_interp(channels, factor, height, width, batch, by_size, scale):
+    """Any channel count (groups of 16 or one group), factor, shape and magnitude (tiny, huge, negative
+    zero among the values): the rewrite equals Paddle's op in value (-0.0 may come out as +0.0)."""
+    rng = np.random.RandomState(channels * 31 + factor)
+    values = rng.normal(size=(batch, channels, height, width)) * scale
+    values.flat[0] = -0.0
+    x = paddle.to_tensor(values.astype("float32"))
+    kwargs = {"size": [height * factor, width * factor]} if by_size else {"scale_factor": factor}
+    got = export.nearest_upsample(x, mode="nearest", **kwargs).numpy()
+    np.testing.assert_array_equal(got, F.interpolate(x, scale_factor=factor, mode="nearest").numpy())
