@@ -28,7 +28,7 @@ import threading
 import warnings
 from typing import Callable, Iterator, List, Optional
 
-from .errors import PPFuseError
+from ppfuse.errors import PPFuseError
 
 EXIT_USER_ERROR = 2
 

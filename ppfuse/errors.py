@@ -3,6 +3,7 @@
 Every message says where (a layer path, a file, a key), what is wrong, and how
 to fix it. Command lines print the message as one line and exit non-zero.
 """
+import importlib
 
 
 def first_line(exc: BaseException) -> str:
@@ -35,7 +36,7 @@ class Unconvertible(ConversionError):
 
     Raised by converters for a layer form ppfuse does not fold (GroupNorm in a
     branch, batch statistics in eval mode, a hook that rebuilds a weight, ...).
-    :func:`ppfuse.convert` never lets it abort a conversion: the layer's
+    :func:`ppfuse.core.convert` never lets it abort a conversion: the layer's
     BatchNorms are listed as left, with this message as the reason.
     """
 
@@ -62,3 +63,18 @@ class ExportError(PPFuseError):
 
 class InferenceError(PPFuseError):
     """Paddle Inference cannot run as asked (device, precision, input)."""
+
+
+class TrainingError(PPFuseError):
+    """Training stopped: the loss became NaN/Inf, or no checkpoint was written."""
+
+
+def require_module(module: str, needed_for: str, extra: str, error: type = ConfigError):
+    """Import the optional package ``module`` (``a.b`` too), or raise ``error`` in one line naming the package
+    that is missing and the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = (exc.name or module).split(".")[0]
+        raise error(f"{needed_for} needs the optional package '{missing}': "
+                    f"pip install -c constraints.txt -e \".[{extra}]\"") from None

@@ -22,7 +22,7 @@ import json
 import os
 from typing import List, Optional, Sequence
 
-from .errors import ExportError
+from ppfuse.errors import ExportError
 
 MODEL_FILE = "model"  # the prefix paddle.jit.save writes
 PROGRAM_FILES = (MODEL_FILE + ".json", MODEL_FILE + ".pdmodel")  # PIR; the older format, still readable
@@ -30,7 +30,7 @@ PARAMS_FILE = MODEL_FILE + ".pdiparams"
 PLAIN_MODEL_FILE = "model_plain"  # the prefix of the oneDNN-off program; its weights are PARAMS_FILE
 PLAIN_PROGRAM_FILE = PLAIN_MODEL_FILE + ".json"
 ONNX_FILE = "model.onnx"
-INT8_ONNX_FILE = "model_int8.onnx"  # written by ppfuse.quantize, recorded in the report under "int8"
+INT8_ONNX_FILE = "model_int8.onnx"  # written by ppfuse.deploy.quantize, recorded in the report under "int8"
 INFER_CFG = "infer_cfg.yml"
 DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"

@@ -3,12 +3,7 @@
 # WEIGHTS=path.pdparams is given) and run it with Paddle Inference on CPU on a generated image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -c constraints.txt -e ".[cpu,test,onnx,openvino,int8,bench]"
+bash scripts/setup_env.sh   # .venv: ppfuse with every extra, PaddleDetection 2.6.0 without its stale pins
 CONFIG=configs/ppyoloe/ppyoloe_plus_crn_s_80e_coco.yml
 EXTRA=()
 if [ -n "${WEIGHTS:-}" ]; then EXTRA=(-o "weights=$WEIGHTS"); fi

@@ -18,7 +18,11 @@ import pytest
 from paddle.static import InputSpec
 from paddle.vision.ops import DeformConv2D
 
-from ppfuse import ConvBN, ConversionError, convert, layers, register_conv_bn
+from ppfuse.core import layers
+
+from ppfuse import convert
+
+from ppfuse import ConvBN, ConversionError, register_conv_bn
 
 TOLERANCE = 1e-5
 

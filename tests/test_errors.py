@@ -15,7 +15,10 @@ import paddle
 import pytest
 
 from conftest import ROOT
-from ppfuse import CheckpointError, cli, detection, export, layers
+from ppfuse import CheckpointError, cli
+from ppfuse.ppdet import detection, export
+from ppfuse.core import layers
+from ppfuse import export_format
 
 TEST_CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
 
@@ -124,7 +127,7 @@ def test_crafted_pickle_does_not_run_code(tmp_path):
     path.write_bytes(pickle.dumps({"w": Exploit()}))
     with pytest.raises(CheckpointError, match=r"evil\.pdparams: not loaded, the file asks to run code .*"
                                               r"(posix|os)\.system"):
-        from ppfuse.checkpoint import safe_load
+        from ppfuse.core.checkpoint import safe_load
         safe_load(str(path))
     assert not marker.exists()
 
@@ -133,7 +136,7 @@ def test_ordinary_paddle_checkpoint_loads(tmp_path):
     layer = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4))
     path = str(tmp_path / "plain.pdparams")
     paddle.save(layer.state_dict(), path)
-    from ppfuse.checkpoint import safe_load
+    from ppfuse.core.checkpoint import safe_load
     state = safe_load(path)
     assert sorted(state) == sorted(layer.state_dict())
     np.testing.assert_array_equal(state["0.weight"], layer[0].weight.numpy())
@@ -144,7 +147,7 @@ def trained_checkpoint(tmp_path_factory):
     config = detection.load_config(TEST_CONFIG)
     built = detection.build_model(config, deploy=False, seed=0)
     path = str(tmp_path_factory.mktemp("ckpt") / "train.pdparams")
-    from ppfuse.checkpoint import save_state
+    from ppfuse.core.checkpoint import save_state
     save_state(built.model, path)
     return path, {k: v.numpy() for k, v in built.model.state_dict().items()}
 
@@ -168,7 +171,7 @@ def test_deploy_checkpoint_without_deploy_true(tmp_path, capsys):
     training form from it (the API with deploy=False) is an error that says what to set."""
     out = str(tmp_path / "exp")
     assert run_tool(EXPORT, ["-c", TEST_CONFIG, "--output_dir", out], capsys)[0] == 0
-    ckpt = os.path.join(out, "ppyoloe_plus_crn_s_320_test", export.DEPLOY_CHECKPOINT)
+    ckpt = os.path.join(out, "ppyoloe_plus_crn_s_320_test", export_format.DEPLOY_CHECKPOINT)
     other = str(tmp_path / "other")
     code, text, _ = run_tool(EXPORT, ["-c", TEST_CONFIG, "-o", f"weights={ckpt}", "deploy=false",
                                       "--output_dir", other], capsys)
@@ -181,7 +184,7 @@ def test_deploy_checkpoint_without_deploy_true(tmp_path, capsys):
 def test_verification_above_tolerance_writes_nothing(capsys, out_dir, monkeypatch):
     """A conversion bug (every folded bias off by 0.01) is caught: beyond 1e-4 and further from a
     float64 evaluation than fp32 rounding puts the training form."""
-    from ppfuse import kernels
+    from ppfuse.core import kernels
     real = kernels.fold_bn
 
     def buggy(*args, **kwargs):
@@ -227,7 +230,8 @@ class Unregistered(paddle.nn.Layer):
 
 
 def test_unregistered_multi_branch_layer_warns_or_fails_strict():
-    from ppfuse import ConversionError, convert
+    from ppfuse import convert
+    from ppfuse import ConversionError
     net = Unregistered()
     layers.randomize(net, 0)
     net.eval()

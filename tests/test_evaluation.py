@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from ppfuse import checkpoint, detection, evaluation, export
+from ppfuse.core import checkpoint
+from ppfuse.ppdet import detection, export
+from ppfuse.measure import evaluation
 from ppfuse.errors import ConfigError
 
 CONFIG = os.path.join(ROOT, "configs", "shapes", "ppyoloe_plus_crn_s_shapes.yml")

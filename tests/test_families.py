@@ -16,7 +16,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppfuse import coverage, detection, detectors, export, inference
+from ppfuse.measure import coverage
+
+from ppfuse.ppdet import detection, detectors, export
+
+from ppfuse.deploy import forms, inference, program
 from ppfuse.errors import ModelError
 
 SIZE = 192  # (at 160 SSDLite's last 1x1 maps make random weights ill-conditioned beyond the float64 criterion)
@@ -58,7 +62,7 @@ def test_family_exports_and_runs_in_paddle_inference(path, tmp_path):
 def test_bilinear_x2_rewrite_matches_interpolate(shape):
     x = paddle.to_tensor(np.random.RandomState(0).normal(size=shape).astype("float32"))
     expected = F.interpolate(x, scale_factor=2.0, mode="bilinear").numpy()
-    got = export.nearest_upsample(x, scale_factor=2.0, mode="bilinear").numpy()
+    got = forms.nearest_upsample(x, scale_factor=2.0, mode="bilinear").numpy()
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
@@ -77,7 +81,7 @@ def test_any_nearest_or_bilinear_resize_is_rewritten_to_match_interpolate(kwargs
     if kwargs.get("size") == "tensor":
         kwargs["size"] = paddle.shape(paddle.zeros([1, 1, 10, 13]))[-2:]
     expected = F.interpolate(x, **kwargs).numpy()
-    got = export.nearest_upsample(x, **kwargs).numpy()
+    got = forms.nearest_upsample(x, **kwargs).numpy()
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-6 if kwargs["mode"] == "bilinear" else 0, rtol=0)
 
@@ -100,9 +104,9 @@ def test_tracing_leaves_the_model_without_traced_values():
 def test_nearest_upsample_as_transposed_conv_is_bit_exact(channels, factor):
     """Groups of 16 channels where they divide C, one group otherwise; every factor: equal to Paddle's op."""
     x = paddle.to_tensor(np.random.RandomState(channels).normal(size=(2, channels, 5, 6)).astype("float32"))
-    np.testing.assert_array_equal(export.upsample_by_deconv(x, factor).numpy(),
+    np.testing.assert_array_equal(forms.upsample_by_deconv(x, factor).numpy(),
                                   F.interpolate(x, scale_factor=factor, mode="nearest").numpy())
-    kernel = export.upsample_kernel(channels, factor)
+    kernel = forms.upsample_kernel(channels, factor)
     group = 16 if channels % 16 == 0 else channels
     assert kernel.shape == (channels, group, factor, factor)
     assert kernel.sum() == channels * factor * factor  # one 1 per output channel and tap, the rest zeros
@@ -111,21 +115,21 @@ def test_nearest_upsample_as_transposed_conv_is_bit_exact(channels, factor):
 def test_nearest_rewrite_is_exact_for_scale_and_size():
     x = paddle.to_tensor(np.random.RandomState(1).normal(size=(2, 3, 4, 5)).astype("float32"))
     by_scale = F.interpolate(x, scale_factor=2, mode="nearest").numpy()
-    np.testing.assert_array_equal(export.nearest_upsample(x, scale_factor=2, mode="nearest").numpy(), by_scale)
-    np.testing.assert_array_equal(export.nearest_upsample(x, size=[8, 10], mode="nearest").numpy(), by_scale)
+    np.testing.assert_array_equal(forms.nearest_upsample(x, scale_factor=2, mode="nearest").numpy(), by_scale)
+    np.testing.assert_array_equal(forms.nearest_upsample(x, size=[8, 10], mode="nearest").numpy(), by_scale)
     # nn.Upsample passes recompute_scale_factor=None: still rewritten, still exact
-    np.testing.assert_array_equal(export.nearest_upsample(x, scale_factor=3, mode="nearest",
+    np.testing.assert_array_equal(forms.nearest_upsample(x, scale_factor=3, mode="nearest",
                                                           recompute_scale_factor=None).numpy(),
                                   F.interpolate(x, scale_factor=3, mode="nearest").numpy())
     # a size that is no integer multiple goes to Paddle's own op
-    odd = export.nearest_upsample(x, size=[6, 7], mode="nearest").numpy()
+    odd = forms.nearest_upsample(x, size=[6, 7], mode="nearest").numpy()
     np.testing.assert_array_equal(odd, F.interpolate(x, size=[6, 7], mode="nearest").numpy())
 
 
 def test_rewrites_are_in_force_only_inside_deploy_rewrites():
     original = F.interpolate, F.leaky_relu
     with export.deploy_rewrites():
-        assert F.interpolate is export.nearest_upsample and F.leaky_relu is export.leaky_relu_as_maximum
+        assert F.interpolate is forms.nearest_upsample and F.leaky_relu is forms.leaky_relu_as_maximum
         assert paddle.nn.Upsample(scale_factor=2)(paddle.ones([1, 1, 2, 2])).shape == [1, 1, 4, 4]
     assert (F.interpolate, F.leaky_relu) == original
 
@@ -133,7 +137,7 @@ def test_rewrites_are_in_force_only_inside_deploy_rewrites():
 @pytest.mark.parametrize("slope", [0.1, 0.01, 0.0, 1.0])
 def test_leaky_relu_as_maximum_is_exact(slope):
     x = paddle.to_tensor(np.random.RandomState(2).normal(size=(3, 50)).astype("float32") * 10)
-    np.testing.assert_array_equal(export.leaky_relu_as_maximum(x, slope).numpy(), F.leaky_relu(x, slope).numpy())
+    np.testing.assert_array_equal(forms.leaky_relu_as_maximum(x, slope).numpy(), F.leaky_relu(x, slope).numpy())
 
 
 # --------------------------------------------------------------------------------- inputs and outputs
@@ -161,7 +165,7 @@ def test_inputs_used_finds_the_inputs_outputs_depend_on():
             paddle.static.InputSpec([None, 2], "float32", "im_shape"),
             paddle.static.InputSpec([None, 2], "float32", "scale_factor")]
     static = paddle.jit.to_static(Uses(), input_spec=spec, full_graph=True)
-    assert export._inputs_used(static.forward.concrete_program) == ("image", "scale_factor")
+    assert program.inputs_used(static.forward.concrete_program) == ("image", "scale_factor")
 
 
 def test_ppdet_failure_is_one_model_error_naming_ppdet():
@@ -261,5 +265,5 @@ def test_generated_upsamples_equal_paddles_nearest_interp(channels, factor, heig
     values.flat[0] = -0.0
     x = paddle.to_tensor(values.astype("float32"))
     kwargs = {"size": [height * factor, width * factor]} if by_size else {"scale_factor": factor}
-    got = export.nearest_upsample(x, mode="nearest", **kwargs).numpy()
+    got = forms.nearest_upsample(x, mode="nearest", **kwargs).numpy()
     np.testing.assert_array_equal(got, F.interpolate(x, scale_factor=factor, mode="nearest").numpy())

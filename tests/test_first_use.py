@@ -16,9 +16,10 @@ import paddle
 import pytest
 
 from conftest import ROOT
-from ppfuse import cli, export
-from ppfuse.inference import Detections
-from ppfuse.verify import compare, judge
+from ppfuse import cli
+from ppfuse.deploy.inference import Detections
+from ppfuse.core.verify import compare, judge
+from ppfuse import export_format
 from test_errors import EXPORT, INFER, TEST_CONFIG, expect_error, run_tool
 
 MODEL = "ppyoloe_plus_crn_s_320_test"
@@ -73,7 +74,7 @@ def test_debug_shows_the_library_noise(first_use):
 
 
 def test_random_weights_are_said_once_and_boxes_stay_in_the_image(first_use):
-    with open(os.path.join(first_use["model_dir"], export.REPORT_FILE)) as f:
+    with open(os.path.join(first_use["model_dir"], export_format.REPORT_FILE)) as f:
         report = json.load(f)
     assert report["random_weights"] is True and report["weights"] is None
     warnings = [line for line in first_use["infer"].stderr.splitlines() if "RANDOM weights" in line]
@@ -90,12 +91,12 @@ def test_random_weights_are_said_once_and_boxes_stay_in_the_image(first_use):
 
 
 def test_export_of_given_weights_is_not_called_random(first_use, capsys):
-    checkpoint = os.path.join(first_use["model_dir"], export.DEPLOY_CHECKPOINT)
+    checkpoint = os.path.join(first_use["model_dir"], export_format.DEPLOY_CHECKPOINT)
     out = str(first_use["tmp"] / "from_checkpoint")
     code, _, err = run_tool(EXPORT, ["-c", TEST_CONFIG, "-o", f"weights={checkpoint}", "--output_dir", out], capsys)
     assert code == 0 and "RANDOM" not in err
     model_dir = os.path.join(out, MODEL)
-    with open(os.path.join(model_dir, export.REPORT_FILE)) as f:
+    with open(os.path.join(model_dir, export_format.REPORT_FILE)) as f:
         assert json.load(f)["random_weights"] is False
     image = os.path.join(first_use["tmp"], "demo", "demo", "demo_00000.jpg")
     code, _, err = run_tool(INFER, ["--model_dir", model_dir, "--image_file", image,
@@ -167,7 +168,7 @@ def test_old_paddle_is_one_line(version, monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("version", ["3.0.0", "3.3.1", "3.0.0rc1", "0.0.0"])
 def test_paddle_3_and_develop_builds_pass_the_check(version, monkeypatch):
     monkeypatch.setattr(paddle, "__version__", version)
-    export.require_paddle_3()
+    export_format.require_paddle_3()
 
 
 def test_verification_text_says_which_criterion_decided():
@@ -200,8 +201,9 @@ def test_verification_text_says_which_criterion_decided():
 ])
 def test_gpu_options_on_a_cpu_build_are_refused_in_one_line(options, message):
     from ppfuse.errors import InferenceError
-    from ppfuse.inference import PredictorOptions, check_device
+    from ppfuse.runtime import RuntimeOptions
+    from ppfuse.runtime.paddle_inference import check_device
     if paddle.is_compiled_with_cuda():
         pytest.skip("this Paddle build has CUDA")
     with pytest.raises(InferenceError, match=message):
-        check_device(PredictorOptions(**options))
+        check_device(RuntimeOptions(**options))

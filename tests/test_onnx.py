@@ -12,7 +12,12 @@ from conftest import ROOT
 pytest.importorskip("paddle2onnx", reason="ONNX tests need the [onnx] extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxruntime", reason="ONNX tests need the [onnx] extra: pip install -e '.[onnx]'")
 
-from ppfuse import detection, export, layers, onnx_support  # noqa: E402
+from ppfuse.ppdet import detection, export  # noqa: E402
+
+from ppfuse.core import layers
+
+from ppfuse.deploy import onnx_support
+from ppfuse.ppdet import detectors
 
 CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
 
@@ -30,7 +35,7 @@ def test_export_with_onnx(tmp_path):
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert sum(len(n.input) == 3 for n in convs) >= 80 and nodes["Add"] < 20, nodes
     assert onnx_support.fuse_conv_bias_adds(model) == 0  # nothing left to fuse
-    image, scale = export.sample_inputs([320, 320], 1, 9)
+    image, scale = detectors.sample_inputs([320, 320], 1, 9)
     ok, how = onnx_support.check_against_paddle(result.directory, path, {"image": image.numpy(),
                                                                          "scale_factor": scale.numpy()},
                                                 box_atol=0.032)

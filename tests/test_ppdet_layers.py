@@ -1,6 +1,6 @@
 """ppdet's conv-norm layers of every detector family fold with nothing registered by the user.
 
-Each layer type of :data:`ppfuse.ppdet_converters.PPDET_CONV_NORM_LAYERS` is built as ppdet builds
+Each layer type of :data:`ppfuse.ppdet.converters.PPDET_CONV_NORM_LAYERS` is built as ppdet builds
 it, with randomized statistics, inside a parent that calls it; converted without and with
 ``input_spec``, every BatchNorm folds and the outputs stay within 1e-5 of their scale.
 """
@@ -12,7 +12,9 @@ import paddle.nn as nn
 import pytest
 from paddle.static import InputSpec
 
-from ppfuse import convert, layers
+from ppfuse.core import layers
+
+from ppfuse import convert
 
 BUILD = {  # (module, class) -> the layer, 4 input channels, spatial size kept
     ("backbones.resnet", "ConvNormLayer"): lambda cls: cls(4, 6, 3, 1, act="relu", freeze_norm=False),
@@ -33,7 +35,7 @@ BUILD = {  # (module, class) -> the layer, 4 input channels, spatial size kept
 
 
 def built(module, name, seed=0):
-    from ppfuse import ppdet_converters
+    from ppfuse.ppdet import converters as ppdet_converters
     assert (module, name) in {(m, n) for m, n, _, _ in ppdet_converters.PPDET_CONV_NORM_LAYERS}
     paddle.seed(seed)
     model = nn.Sequential(BUILD[(module, name)](getattr(importlib.import_module(f"ppdet.modeling.{module}"), name)))

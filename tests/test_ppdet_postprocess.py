@@ -1,4 +1,4 @@
-"""ppdet's post-processing ops replaced by PIR-traceable ones (ppfuse.ppdet_postprocess).
+"""ppdet's post-processing ops replaced by PIR-traceable ones (ppfuse.ppdet.postprocess).
 
 Each replacement is compared with ppdet's original in dygraph on random inputs (the same Paddle
 kernel runs in both, so the numbers agree to the last bit; the stated tolerances are the contract);
@@ -13,9 +13,9 @@ import numpy as np
 import paddle
 import pytest
 
-from ppfuse import ppdet_postprocess
+from ppfuse.ppdet import postprocess as ppdet_postprocess
 from ppfuse.errors import ExportError
-from ppfuse.ppdet_postprocess import pir_traceable_postprocess
+from ppfuse.ppdet.postprocess import pir_traceable_postprocess
 
 ops = pytest.importorskip("ppdet.modeling.ops")
 

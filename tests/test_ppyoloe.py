@@ -16,7 +16,13 @@ import paddle
 import pytest
 
 from conftest import ROOT
-from ppfuse import CheckpointError, checkpoint, detection, export, inference, layers
+from ppfuse.core import checkpoint, layers
+from ppfuse.ppdet import detection, export
+from ppfuse.deploy import forms, program
+from ppfuse.runtime import RuntimeOptions, paddle_inference
+from ppfuse import CheckpointError
+from ppfuse import export_format
+from ppfuse.ppdet import detectors
 
 CONFIG = os.path.join(ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_320_test.yml")
 SIZE = [320, 320]
@@ -34,12 +40,12 @@ def built(config):
 
 @pytest.fixture(scope="module")
 def inputs():
-    return export.sample_inputs(SIZE, batch=2, seed=5)
+    return detectors.sample_inputs(SIZE, batch=2, seed=5)
 
 
 def raw(model, inputs):
     with paddle.no_grad():
-        boxes, scores = export.DetectorForInference(model, with_nms=False)(*inputs)
+        boxes, scores = detectors.DetectorForInference(model, with_nms=False)(*inputs)
     return boxes.numpy(), scores.numpy()
 
 
@@ -119,16 +125,16 @@ def test_paddle_inference_matches_training_form_on_every_run(built, exported, in
     """Default CPU settings (oneDNN on, every pass kept), run three times: a predictor can be right
     on its first run only (Paddle 3.3.1 with oneDNN and constant_folding_pass deleted is)."""
     _, raw_result = exported
-    predictor = inference.create_predictor(raw_result.directory)
+    predictor = paddle_inference.create_predictor(raw_result.directory)
     feed = {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()}
     expected = raw(built.training_model, inputs)
     for _ in range(3):
-        assert_detector_close(inference.run(predictor, feed), expected)
+        assert_detector_close(paddle_inference.run_predictor(predictor, feed), expected)
 
 
 def test_deleting_constant_folding_with_onednn_warns(exported, capfd):
     _, raw_result = exported
-    inference.create_predictor(raw_result.directory, inference.PredictorOptions(
+    paddle_inference.create_predictor(raw_result.directory, RuntimeOptions(
         delete_passes=["constant_folding_pass"]))
     err = capfd.readouterr().err
     assert "WARNING: deleting constant_folding_pass with oneDNN on" in err and "second run" in err
@@ -138,12 +144,12 @@ def test_paddle_inference_nms_detections_match_dygraph(built, exported, inputs):
     result, _ = exported
     image, scale = inputs[0][:1], inputs[1][:1]
     with paddle.no_grad():
-        bbox, num = export.DetectorForInference(built.training_model)(image, scale)
+        bbox, num = detectors.DetectorForInference(built.training_model)(image, scale)
     assert int(num.numpy().sum()) > 0, "no detections: the comparison would prove little"
-    for options in (inference.PredictorOptions(), inference.PredictorOptions(onednn=False)):
-        predictor = inference.create_predictor(result.directory, options)
+    for options in (RuntimeOptions(), RuntimeOptions(onednn=False)):
+        predictor = paddle_inference.create_predictor(result.directory, options)
         for _ in range(2):  # the second run too
-            got_bbox, got_num = inference.run(predictor, {"image": image.numpy(), "scale_factor": scale.numpy()})
+            got_bbox, got_num = paddle_inference.run_predictor(predictor, {"image": image.numpy(), "scale_factor": scale.numpy()})
             np.testing.assert_array_equal(got_num, num.numpy())
             np.testing.assert_array_equal(got_bbox[:, 0], bbox.numpy()[:, 0])
             np.testing.assert_allclose(got_bbox[:, 1:], bbox.numpy()[:, 1:], atol=1e-3, rtol=1e-4)
@@ -151,7 +157,7 @@ def test_paddle_inference_nms_detections_match_dygraph(built, exported, inputs):
 
 def test_deploy_checkpoint_loads_with_deploy_true(config, exported, built, inputs):
     result, _ = exported
-    ckpt = os.path.join(result.directory, export.DEPLOY_CHECKPOINT)
+    ckpt = os.path.join(result.directory, export_format.DEPLOY_CHECKPOINT)
     loaded = detection.build_model(config, weights=ckpt, deploy=True)
     assert loaded.weights_form == "deploy" and loaded.training_model is None
     np.testing.assert_array_equal(raw(loaded.model, inputs)[1], raw(built.model, inputs)[1])
@@ -188,8 +194,8 @@ def test_top_k_before_nms_gives_the_same_detections(built, inputs):
     """The ONNX program's per-class top-k selection is what multiclass_nms3 does itself."""
     image, scale = inputs
     with paddle.no_grad():
-        plain = export.DetectorForInference(built.model)(image, scale)
-        topk = export.DetectorForInference(built.model, topk_before_nms=True)(image, scale)
+        plain = detectors.DetectorForInference(built.model)(image, scale)
+        topk = detectors.DetectorForInference(built.model, topk_before_nms=True)(image, scale)
     np.testing.assert_array_equal(topk[1].numpy(), plain[1].numpy())
     assert plain[1].numpy().sum() > 10
     np.testing.assert_array_equal(topk[0].numpy(), plain[0].numpy())
@@ -213,12 +219,12 @@ def test_ese_mean_written_as_pooling_is_the_same_mean(built):
 
 def test_exported_program_has_the_ese_mean_as_pooling(exported):
     _, raw_result = exported
-    ops = export.count_ops(raw_result.directory)
+    ops = program.count_ops(raw_result.directory)
     assert ops.get("mean", 0) == 0 and ops["pool2d"] >= 4  # 4 ESE + SPP's max pools + the head's ESE pools
     assert ops["conv2d_transpose"] == 2 and ops.get("expand", 0) == 0  # the neck's two x2 upsamples
-    with open(os.path.join(raw_result.directory, export.REPORT_FILE)) as f:
+    with open(os.path.join(raw_result.directory, export_format.REPORT_FILE)) as f:
         rewrites = json.load(f)["rewrites"]
-    assert rewrites == {"nearest_upsample": export.UPSAMPLE_FORM, "leaky_relu": "maximum(x, slope * x)",
+    assert rewrites == {"nearest_upsample": forms.UPSAMPLE_FORM, "leaky_relu": "maximum(x, slope * x)",
                         "bilinear_x2": "slices and weighted sums",
                         "ese_mean": "adaptive_avg_pool2d", "conv_bias": "in_conv"}
 
@@ -231,7 +237,7 @@ def test_a_wrong_rewrite_is_refused_by_the_export_check(built, monkeypatch):
         export.verify_deployed(built.training_model, built.model, SIZE)
 
 
-@pytest.mark.parametrize("conv_bias", export.CONV_BIAS_FORMS)
+@pytest.mark.parametrize("conv_bias", forms.CONV_BIAS_FORMS)
 def test_both_conv_bias_forms_run_the_same_with_and_without_onednn(built, inputs, conv_bias, tmp_path):
     """in_conv (the default, fused by oneDNN) and channel_add (a [C, 1, 1] add, for oneDNN off at
     batch > 1) are the same function: Paddle Inference matches the training form on repeated runs."""
@@ -239,9 +245,9 @@ def test_both_conv_bias_forms_run_the_same_with_and_without_onednn(built, inputs
     feed = {"image": inputs[0].numpy(), "scale_factor": inputs[1].numpy()}
     expected = raw(built.training_model, inputs)
     for onednn in (True, False):
-        predictor = inference.create_predictor(str(tmp_path), inference.PredictorOptions(onednn=onednn))
+        predictor = paddle_inference.create_predictor(str(tmp_path), RuntimeOptions(onednn=onednn))
         for _ in range(2):
-            assert_detector_close(inference.run(predictor, feed), expected)
+            assert_detector_close(paddle_inference.run_predictor(predictor, feed), expected)
 
 
 def test_an_unknown_conv_bias_form_is_refused():

@@ -1,6 +1,6 @@
 """QARepVggBlock and the config switch that puts it into PP-YOLOE(+).
 
-Block: its training form, ``ppfuse.convert`` (with and without ``input_spec``) and
+Block: its training form, ``ppfuse.core.convert`` (with and without ``input_spec``) and
 ``convert_to_deploy()`` are all compared with ``paper_block`` below -- QARepVGG as the
 paper draws it, written with plain Paddle ops from the weights alone (no ppfuse code):
 per block, fp32, atol = rtol = 1e-5 on outputs scaled to unit magnitude.
@@ -29,9 +29,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, assert_close, scale_to_unit
-from ppfuse import (CheckpointError, ConfigError, ConversionError, QARepVggBlock, checkpoint, convert, detection,
-                    export, layers)
-from ppfuse.export import count_ops
+from ppfuse.core import checkpoint, layers
+from ppfuse import convert
+from ppfuse.ppdet import detection
+from ppfuse import CheckpointError, ConfigError, ConversionError, QARepVggBlock
+from ppfuse.deploy.program import count_ops
+from ppfuse.ppdet import detectors
 
 EPS = 1e-5  # paddle.nn.BatchNorm2D's default epsilon
 ACTIVATIONS = {"relu": F.relu, "swish": lambda x: x * F.sigmoid(x), None: lambda x: x}
@@ -327,13 +330,13 @@ def test_switched_model_converts_with_no_batch_norm_left_and_equal_outputs(qa_bu
     assert not [s for s in qa_built.model.sublayers() if layers.is_batch_norm(s)]
     blocks = [s for s in qa_built.model.sublayers() if isinstance(s, QARepVggBlock)]
     assert len(blocks) == 11 and all(block.deployed for block in blocks)
-    image, scale = export.sample_inputs(SIZE, batch=2, seed=5)
+    image, scale = detectors.sample_inputs(SIZE, batch=2, seed=5)
     with paddle.no_grad():
-        expected = detection.DetectorForInference(qa_built.training_model, with_nms=False)(image, scale)
-        got = detection.DetectorForInference(qa_built.model, with_nms=False)(image, scale)
+        expected = detectors.DetectorForInference(qa_built.training_model, with_nms=False)(image, scale)
+        got = detectors.DetectorForInference(qa_built.model, with_nms=False)(image, scale)
     np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), atol=1e-2, rtol=1e-4)  # boxes, px
     np.testing.assert_allclose(got[1].numpy(), expected[1].numpy(), atol=1e-4, rtol=1e-4)  # scores
-    # and through ppfuse.convert without a trace, as a user would call it
+    # and through ppfuse.core.convert without a trace, as a user would call it
     plain = convert(qa_built.training_model)
     assert not plain.remaining_batch_norms and plain.counts["QARepVggBlock"] == 11
 
@@ -343,10 +346,10 @@ def test_training_checkpoint_of_the_switched_model_loads_back(qa_config, qa_buil
     checkpoint.save_state(qa_built.training_model, path)
     loaded = detection.build_model(qa_config, weights=path, deploy=False)
     assert loaded.weights_form == "train" and len(qa_blocks(loaded.model)) == 11
-    image, scale = export.sample_inputs(SIZE, batch=1, seed=2)
+    image, scale = detectors.sample_inputs(SIZE, batch=1, seed=2)
     with paddle.no_grad():
-        expected = detection.DetectorForInference(qa_built.training_model, with_nms=False)(image, scale)
-        got = detection.DetectorForInference(loaded.model, with_nms=False)(image, scale)
+        expected = detectors.DetectorForInference(qa_built.training_model, with_nms=False)(image, scale)
+        got = detectors.DetectorForInference(loaded.model, with_nms=False)(image, scale)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(CheckpointError, match="does not fit"):  # nor into the plain config: the keys name the blocks
@@ -402,9 +405,9 @@ def test_switch_on_a_model_without_repvgg_blocks_is_an_error():
 
 
 def test_ppdet_trainer_trains_the_switched_model(tmp_path, monkeypatch):
-    """One iteration of ppdet's Trainer (through ppfuse.evaluation.train) on the shapes config with the switch:
+    """One iteration of ppdet's Trainer (through ppfuse.measure.evaluation.train) on the shapes config with the switch:
     the checkpoint it writes has QARepVggBlock's parameters and loads into the switched model."""
-    from ppfuse import evaluation
+    from ppfuse.measure import evaluation
     monkeypatch.chdir(tmp_path)  # the config's dataset paths are relative, as in PaddleDetection
     config = detection.load_config(SHAPES_CONFIG)
     evaluation.ensure_shapes_dataset(config, train_images=8, val_images=1, log=lambda *_: None)

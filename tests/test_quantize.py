@@ -1,12 +1,12 @@
-"""int8 from an export (ppfuse.quantize, tools/quantize.py), the runtimes' int8 confirmation, per-layer SQNR.
+"""int8 from an export (ppfuse.deploy.quantize, tools/quantize.py), the runtimes' int8 confirmation, per-layer
+SQNR (ppfuse.measure.sqnr, tools/quantization_error.py).
 
 PP-YOLOE+ s at 320 with random weights, calibrated on a handful of generated shapes images:
 
 * int8 outputs against fp32 in the same runtime (raw boxes as a fraction of the input size, and scores):
   mean absolute error <= 0.05 on boxes and on scores, and not exactly equal (int8 did run). Loose because
-  random weights saturate the scores (fp32 mean 0.51, most at 0 or 1), so a quantization step near a logit
-  of 0 flips a score fully (max error 1); measured means: boxes 0.029, scores 0.032 in ONNX Runtime, 0.035
-  and 0.038 in OpenVINO. What int8 costs a trained model is measured as mAP (README, int8);
+  random weights saturate the scores (most at 0 or 1), so a quantization step near a logit of 0 flips a
+  score fully (max error 1). What int8 costs a trained model is measured as mAP (tools/accuracy_parity.py);
 * every one of the 86 convs runs int8 in ONNX Runtime (QLinearConv in the optimized graph) and OpenVINO
   (u8 runtime precision); a conv left float is counted as such, never reported as int8;
 * SQNR: exact on known arrays, infinite for identical outputs, finite and positive for every conv of the
@@ -23,7 +23,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from ppfuse import detection, export, quantize, runtime
+from ppfuse.ppdet import detection, export
+from ppfuse.deploy import quantize
+from ppfuse.measure import sqnr
+from ppfuse import runtime
 from ppfuse.errors import ConfigError, InferenceError
 from ppfuse.export_format import INT8_ONNX_FILE, read_report
 from test_errors import INFER, expect_error, load_tool, run_tool
@@ -44,7 +47,7 @@ RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(not runtime.available(na
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from ppfuse.shapes import write_split
+    from ppfuse.measure.shapes import write_split
     root = str(tmp_path_factory.mktemp("shapes"))
     write_split(root, "train", IMAGES, seed=0, size=SIZE)
     return os.path.join(root, "train")
@@ -119,12 +122,12 @@ def test_a_float_conv_is_counted_never_hidden(raw_export, images, tmp_path, name
 
 def test_sqnr_is_exact_on_known_arrays_and_infinite_for_equal_ones():
     signal = np.full(100, 2.0)
-    assert quantize.sqnr_db(signal, signal + 0.2) == pytest.approx(20.0)  # 400 / 4 -> 20 dB
-    assert quantize.sqnr_db(signal, signal) == math.inf
-    assert quantize.sqnr_db(np.zeros(4), np.ones(4)) == -math.inf
+    assert sqnr.sqnr_db(signal, signal + 0.2) == pytest.approx(20.0)  # 400 / 4 -> 20 dB
+    assert sqnr.sqnr_db(signal, signal) == math.inf
+    assert sqnr.sqnr_db(np.zeros(4), np.ones(4)) == -math.inf
     weight = np.random.RandomState(0).randn(8, 4, 3, 3)
     for per_channel in (True, False):  # symmetric int8: at most half a step off, every value on the grid
-        fake = quantize.fake_quantize_weight(weight, per_channel)
+        fake = sqnr.fake_quantize_weight(weight, per_channel)
         step = (np.abs(weight).max(axis=(1, 2, 3), keepdims=True) if per_channel else np.abs(weight).max()) / 127
         assert np.all(np.abs(fake - weight) <= step / 2 + 1e-12)
         np.testing.assert_allclose(np.round(fake / step), fake / step, atol=1e-9)
@@ -134,16 +137,16 @@ def test_every_conv_has_a_finite_positive_sqnr_and_identical_models_an_infinite_
     directory, quantized, _ = raw_export
     source = os.path.join(directory, "model.onnx")
     feeds = quantize.calibration_inputs(directory, quantize.calibration_images(images, 2))
-    errors = quantize.layer_errors(source, quantized.path, feeds)
+    errors = sqnr.layer_errors(source, quantized.path, feeds)
     assert len(errors) == CONVS
     for layer in errors:
         for value in (layer.output_sqnr, layer.weight_sqnr_per_channel, layer.weight_sqnr_per_tensor):
             assert math.isfinite(value) and value > 0, layer
         assert layer.weight_sqnr_per_channel >= layer.weight_sqnr_per_tensor - 1e-9, layer
-    same = quantize.layer_errors(source, source, feeds)  # the float model as its own "int8" model
+    same = sqnr.layer_errors(source, source, feeds)  # the float model as its own "int8" model
     assert all(layer.output_sqnr == math.inf for layer in same)
-    model = quantize.ModelErrors(directory, same, quantize.QuantizeSettings())
-    assert "| inf | inf |" in quantize.summary_table([model], ["same"])
+    model = sqnr.ModelErrors(directory, same, quantize.QuantizeSettings())
+    assert "| inf | inf |" in sqnr.summary_table([model], ["same"])
 
 
 def _with_outlier(directory, target, index, factor):
@@ -169,7 +172,7 @@ def test_an_outlier_weight_costs_per_tensor_quantization_more_than_per_channel(r
     outlier = _with_outlier(directory, str(tmp_path / "outlier"), index, 50.0)
     gaps = {}
     for name, model_dir in (("plain", directory), ("outlier", outlier)):
-        layers = {per_channel: quantize.measure_export(model_dir, images, quantize.QuantizeSettings(
+        layers = {per_channel: sqnr.measure_export(model_dir, images, quantize.QuantizeSettings(
             images=3, per_channel=per_channel)).layers[index] for per_channel in (True, False)}
         gaps[name] = layers[True].output_sqnr - layers[False].output_sqnr
         weight_gap = layers[True].weight_sqnr_per_channel - layers[True].weight_sqnr_per_tensor
@@ -200,15 +203,39 @@ def test_quantize_tool_then_infer_int8_in_both_runtimes(nms_export, images, caps
         assert "int8 requested, int8 ran" in out_infer and os.path.isfile(os.path.join(output, "image.json"))
 
 
+def test_quantization_error_tool_writes_its_tables_plot_and_a_dated_result(raw_export, images, tmp_path, capsys):
+    import json
+    directory, _, _ = raw_export
+    out, results = tmp_path / "qe", tmp_path / "results"
+    code, stdout, err = run_tool(QUANTIZATION_ERROR, ["--model_dir", directory, "--image_dir", images, "--images", "2",
+                                                      "--output_dir", str(out), "--results_dir", str(results)], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["quantization_error.md", "quantization_error.png"]
+    (name,) = [n for n in os.listdir(results / "sqnr") if n.endswith(".md")]
+    path = results / "sqnr" / name
+    assert stdout.rstrip().endswith(f"wrote {path}")
+    with open(str(path)[:-len(".md")] + ".json") as f:
+        record = json.load(f)
+    layers = record["data"]["models"][0]["layers"]
+    assert len(layers) == CONVS and record["command"].startswith("python tools/quantization_error.py --model_dir")
+    for layer in layers:  # the numbers of the table, as numbers
+        assert 0 < layer["output_sqnr"] < 200, layer
+        assert layer["weight_sqnr_per_channel"] >= layer["weight_sqnr_per_tensor"] - 1e-9, layer
+    with open(out / "quantization_error.md") as f:
+        assert path.read_text().endswith(f.read())  # the result's body is the tool's own file
+
+
 def test_int8_errors_are_one_line(nms_export, images, tmp_path, capsys, monkeypatch):
     directory, image, tmp = nms_export
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     expect_error(QUANTIZE, ["--model_dir", empty, "--image_dir", images], capsys,
                  r"^error: .*empty: no model.onnx; export with --onnx")
-    out = str(tmp_path / "qe")
-    expect_error(QUANTIZATION_ERROR, ["--model_dir", empty, "--image_dir", images, "--output_dir", out], capsys,
+    out, results = str(tmp_path / "qe"), str(tmp_path / "results")
+    expect_error(QUANTIZATION_ERROR, ["--model_dir", empty, "--image_dir", images, "--output_dir", out,
+                                      "--results_dir", results], capsys,
                  r"^error: .*empty: no model.onnx; export with --onnx", out)
+    assert not os.path.exists(results)  # no result file for a run that failed
     expect_error(QUANTIZE, ["--model_dir", directory, "--image_dir", images, "--calibration", "magic"], capsys,
                  r"^error: --calibration magic: use one of minmax, entropy, percentile")
     expect_error(INFER, ["--model_dir", directory, "--image_file", image, "--precision", "int8",

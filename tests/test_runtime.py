@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from ppfuse import detection, export, runtime
-from ppfuse.errors import InferenceError
+from ppfuse import runtime
+from ppfuse.deploy import forms
+from ppfuse.errors import ExportError, InferenceError
+from ppfuse.ppdet import detection, detectors, export
 from ppfuse.runtime import base
 from test_errors import INFER, expect_error, load_tool, run_tool
 
@@ -106,7 +108,7 @@ def raw_export(tmp_path_factory):
     config = detection.load_config(CONFIG)
     result = export.export(config, str(tmp_path_factory.mktemp("raw")), with_nms=False, onnx=ONNX_EXTRA,
                            log=lambda *_: None)
-    image, scale = detection.sample_inputs([SIZE, SIZE], 1, 5)
+    image, scale = detectors.sample_inputs([SIZE, SIZE], 1, 5)
     inputs = {"image": image.numpy(), "scale_factor": scale.numpy()}
     reference = runtime.load(result.directory, "paddle").run(inputs)
     return result.directory, inputs, reference
@@ -232,7 +234,7 @@ def test_an_export_without_the_plain_program_says_so_with_onednn_off(raw_export,
 
 
 def _conv_off_by_a_thousandth(self, x):
-    return 1.001 * export._CONV2D_FORWARD(self, x)
+    return 1.001 * forms._CONV2D_FORWARD(self, x)
 
 
 def test_a_plain_program_that_differs_is_refused_and_not_kept(tmp_path, monkeypatch):
@@ -241,8 +243,8 @@ def test_a_plain_program_that_differs_is_refused_and_not_kept(tmp_path, monkeypa
     built = detection.build_model(config, deploy=True, seed=0)
     directory = str(tmp_path / "export")
     export.save_inference_model(built.model, os.path.join(directory, "model"), [SIZE, SIZE])
-    monkeypatch.setattr(export, "_conv2d_bias_per_channel", _conv_off_by_a_thousandth)
-    with pytest.raises(export.ExportError, match=r"^model_plain.json .*outputs differ from model.json's"):
+    monkeypatch.setattr(forms, "_conv2d_bias_per_channel", _conv_off_by_a_thousandth)
+    with pytest.raises(ExportError, match=r"^model_plain.json .*outputs differ from model.json's"):
         export.save_plain_program(built.model, directory, [SIZE, SIZE])
     assert sorted(os.listdir(directory)) == ["model.json", "model.pdiparams"]
 
@@ -268,13 +270,13 @@ def test_openvino_profile_names_the_kernels_that_ran(raw_export):
 # --- the same export in every runtime, detection by detection (tools/compare_runtimes.py) -----------------------
 
 def _detections(rows):
-    from ppfuse.inference import Detections
+    from ppfuse.deploy.inference import Detections
     rows = np.asarray(rows, dtype="float32").reshape(-1, 6)
     return Detections(rows[:, 2:], rows[:, 1], rows[:, 0].astype("int64"))
 
 
 def test_detections_pair_by_class_and_box_within_the_tolerance():
-    from ppfuse.runtime_parity import match_detections
+    from ppfuse.measure.runtime_parity import match_detections
     reference = _detections([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 10, 10, 50, 50], [0, 0.4, 100, 100, 140, 160]])
     # the first moved 0.5 px and rescored; the class-1 box became class 2; the third moved 3 px; one extra
     candidate = _detections([[0, 0.88, 10.5, 10, 50, 50.25], [2, 0.8, 10, 10, 50, 50], [0, 0.4, 103, 100, 140, 160],
@@ -288,7 +290,7 @@ def test_detections_pair_by_class_and_box_within_the_tolerance():
 
 
 def test_each_reference_detection_takes_its_closest_candidate_once():
-    from ppfuse.runtime_parity import match_detections
+    from ppfuse.measure.runtime_parity import match_detections
     reference = _detections([[0, 0.9, 10, 10, 50, 50], [0, 0.7, 10.6, 10, 50, 50]])
     candidate = _detections([[0, 0.7, 10.6, 10, 50, 50], [0, 0.9, 10.1, 10, 50, 50]])
     match = match_detections(reference, candidate, box_tolerance=1.0)
@@ -301,7 +303,8 @@ COMPARE = load_tool("compare_runtimes")
 def test_compare_runtimes_runs_every_runtime_says_what_ran_and_warns_on_random_weights(nms_export, capsys):
     directory, image, tmp = nms_export
     out = str(tmp / "compare")
-    code, stdout, err = run_tool(COMPARE, ["--model_dir", directory, "--image_file", image, "--output_dir", out],
+    code, stdout, err = run_tool(COMPARE, ["--model_dir", directory, "--image_file", image, "--output_dir", out,
+                                           "--results_dir", str(tmp / "results")],
                                  capsys)
     assert code == 0, err
     table = open(os.path.join(out, "compare_runtimes.md")).read()

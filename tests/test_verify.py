@@ -1,14 +1,14 @@
 """The verification criteria: fixed tolerance, and the float64 check used beyond it.
 
 Some models amplify fp32 rounding past any fixed tolerance (PP-YOLOE+ l with random
-weights: ~1 px at 640 between fp32 and float64 evaluations of the same model). There a
+weights: its fp32 and float64 evaluations differ by more than the tolerance). There a
 converted model passes when it is no further from float64 than twice the original's own
 fp32 error, and fails when it is further.
 """
 import numpy as np
 
-from ppfuse.benchmark import Reference, parity
-from ppfuse.verify import compare, rounding_check
+from ppfuse.measure.benchmark import Reference, parity
+from ppfuse.core.verify import compare, rounding_check
 
 
 def outputs(truth, error, rng):
@@ -81,7 +81,7 @@ def test_benchmark_int8_cells_show_their_drift_and_fail_only_when_broken():
 
 
 def test_benchmark_rounds_rotate_so_every_cell_leads_once():
-    from ppfuse.benchmark import rotated
+    from ppfuse.measure.benchmark import rotated
     orders = [rotated(4, r) for r in range(4)]
     assert orders[1] == [1, 2, 3, 0] and orders[4 % 4] == [0, 1, 2, 3]
     assert all(sorted(order) == [0, 1, 2, 3] for order in orders)  # each round runs every cell once
@@ -90,7 +90,7 @@ def test_benchmark_rounds_rotate_so_every_cell_leads_once():
 
 
 def test_benchmark_settles_between_runtimes_but_not_between_paddle_predictors():
-    from ppfuse.benchmark import needs_settle
+    from ppfuse.measure.benchmark import needs_settle
     assert not needs_settle(None, "openvino")  # the first run
     assert not needs_settle("paddle", "paddle")  # one OpenMP pool
     assert needs_settle("paddle", "onnxruntime") and needs_settle("onnxruntime", "paddle")

@@ -18,7 +18,8 @@
    first --calibration_images training images) into the same COCOMetric; a runtime whose extra is
    missing, or bf16 on a CPU without bf16 instructions, is skipped with one line saying so;
 5. prints a Markdown table (and what bf16 costs per runtime) and writes it to
-   <output_dir>/accuracy.md (numbers: accuracy.json).
+   <output_dir>/accuracy.md (numbers: accuracy.json), and as a dated result to
+   <results_dir>/accuracy/<date>_<cpu>.md and .json (--results_dir '' or --no_results: none).
 
 Run from the repository root (dataset and output paths are relative, as in PaddleDetection).
 For one core: OMP_NUM_THREADS=1 and --cpu_threads 1 (the default).
@@ -75,11 +76,15 @@ def run(argv):
                         "the training split (default 32)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a checkpoint of the same "
                         "settings is in <output_dir>/train/")
+    from ppfuse.measure import results
+    results.add_arguments(parser)
     args = parser.parse_args(argv)
+    results_dir = results.directory(args)
 
-    from ppfuse import detection, evaluation, export, runtime
+    from ppfuse import runtime
     from ppfuse.errors import ConfigError
-    from ppfuse.inference import PredictorOptions
+    from ppfuse.measure import evaluation
+    from ppfuse.ppdet import detection, export
     if args.weights and args.epochs is not None:
         raise ConfigError("--weights skips training, so --epochs has no effect; give one of them")
     cells = []  # (runtime, precision) to score, each checked before the long training
@@ -123,27 +128,26 @@ def run(argv):
     exported = export.export(config, os.path.join(output_dir, "inference"), weights=weights, onnx=onnx, log=log)
     log(f"exported to {exported.directory}/ in {time.perf_counter() - start:.1f} s")
     if any(precision == "int8" for _, precision in cells):
-        from ppfuse import quantize
+        from ppfuse.deploy import quantize
         calibration = evaluation.dataset_split(config, "TrainDataset").images
-        quantized = quantize.quantize_export(exported.directory, calibration,
-                                             quantize.QuantizeSettings(images=args.calibration_images,
-                                                                       per_channel=not args.per_tensor,
-                                                                       activation_type=args.activation_type,
-                                                                       symmetric_activations=args.symmetric_activations), log=log)
+        settings = quantize.QuantizeSettings(images=args.calibration_images, per_channel=not args.per_tensor,
+                                             activation_type=args.activation_type,
+                                             symmetric_activations=args.symmetric_activations)
+        quantized = quantize.quantize_export(exported.directory, calibration, settings, log=log)
         log(quantized.line())
-    results = [training_form]
+    scores = [training_form]
     for name, precision in cells:
-        options = PredictorOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on",
-                                   delete_passes=args.delete_pass if name == "paddle" else (), precision=precision)
-        results.append(evaluation.evaluate_exported(
+        options = runtime.RuntimeOptions(cpu_threads=args.cpu_threads, onednn=args.onednn == "on", precision=precision,
+                                         delete_passes=args.delete_pass if name == "paddle" else ())
+        scores.append(evaluation.evaluate_exported(
             exported.directory, evaluation.dataset_split(config, "EvalDataset"),
             os.path.join(eval_dir, f"export_{name}_{precision}"), options, log=log, runtime=name))
 
     command = " ".join(["python tools/accuracy_parity.py"] + list(argv))
     notes = [f"config: `{args.config}`, weights: `{weights}`, {training_form.images} val images",
              f"CPU: {runtime.cpu_description()}"]
-    notes += [f"{r.form}: {r.settings}" for r in results[1:]]
-    costs = evaluation.bf16_costs(results)
+    notes += [f"{r.form}: {r.settings}" for r in scores[1:]]
+    costs = evaluation.bf16_costs(scores)
     notes += costs + [f"command: `{command}`"]
     if trained is not None:
         notes.append(f"training: {trained.epochs} epochs, {args.train_images} images, "
@@ -151,8 +155,13 @@ def run(argv):
     record = {"config": args.config, "weights": weights, "command": command,
               "train_seconds": trained.seconds if trained else None,
               "schedule": {k: str(v) for k, v in trained.schedule.items()} if trained else None}
-    path = evaluation.write_report(output_dir, results, notes, record)
-    print("\n" + evaluation.parity_table(results) + "\n\n" + "".join(f"- {n}\n" for n in costs) + f"\nwrote {path}")
+    path = evaluation.write_report(output_dir, scores, notes, record)
+    print("\n" + evaluation.parity_table(scores) + "\n\n" + "".join(f"- {n}\n" for n in costs) + f"\nwrote {path}")
+    result = results.write("accuracy", "Accuracy parity", evaluation.report_markdown(scores, notes),
+                           dict(record, results=[r.to_dict() for r in scores]), results_dir,
+                           results.command_line(__file__, argv), files=[path])
+    if result:
+        print(f"wrote {result}")
     return 0
 
 

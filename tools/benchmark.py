@@ -8,8 +8,9 @@ Rows: Paddle Inference (oneDNN fp32 and bf16, no oneDNN -- ppfuse deploy's model
 for that path), ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and int8 -- each that can
 run here (extras installed; bf16 on a CPU with bf16 instructions), the others listed with the reason.
 The CPU model and its ISA flags (avx512_bf16, AMX) head the tables. A run that follows another runtime's
-run waits 0.3 s first, so that runtime's spinning threads do not take the cores (ppfuse/benchmark.py).
-Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart).
+run waits 0.3 s first, so that runtime's spinning threads do not take the cores (ppfuse/measure/benchmark.py).
+Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart), and the dated result
+<results_dir>/benchmark/<date>_<cpu>.md and .json (--results_dir '' or --no_results: none).
 """
 import argparse
 import datetime
@@ -39,27 +40,38 @@ def run(argv):
                         help="add a runtime row: oneDNN with these Paddle Inference passes deleted (repeatable)")
     parser.add_argument("--output_dir", default="output_bench")
     parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
+    from ppfuse.measure import results
+    results.add_arguments(parser)
     args = parser.parse_args(argv)
+    results_dir = results.directory(args)
 
-    from ppfuse import benchmark, detection
+    from ppfuse.measure import benchmark
+    from ppfuse.ppdet import detection
     os.makedirs(args.output_dir, exist_ok=True)
     peak, peak_note = benchmark.peak_flops()
-    results = []
+    runs = []
     for path in args.config:
         config = detection.load_config(path)
         workdir = os.path.join(args.output_dir, config.name)
-        results.append(benchmark.run_benchmark(config, workdir, args.threads, args.runs, args.warmup,
-                                               tuple(args.batches), not args.no_memory, ROOT, args.with_nms,
-                                               args.delete_passes, log=lambda m: print(m, file=sys.stderr)))
+        runs.append(benchmark.run_benchmark(config, workdir, args.threads, args.runs, args.warmup,
+                                            tuple(args.batches), not args.no_memory, ROOT, args.with_nms,
+                                            args.delete_passes, log=lambda m: print(m, file=sys.stderr)))
     header = (f"## Benchmark, {datetime.date.today().isoformat()}\n\n{benchmark.machine_description(args.threads)}; "
               f"{args.runs} timed runs per cell after {args.warmup} warm-up, rounds interleaved.\n"
               f"Command: `python tools/benchmark.py {' '.join(argv)}`\n\n")
-    text = header + "\n".join(benchmark.markdown(r, peak, peak_note) for r in results)
-    with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
+    text = header + "\n".join(benchmark.markdown(r, peak, peak_note) for r in runs)
+    tables = os.path.join(args.output_dir, "benchmark.md")
+    with open(tables, "w") as f:
         f.write(text)
-    png = benchmark.plot(results, os.path.join(args.output_dir, "benchmark.png"))
+    png = benchmark.plot(runs, os.path.join(args.output_dir, "benchmark.png"))
     print(text)
-    print(f"wrote {os.path.join(args.output_dir, 'benchmark.md')}" + (f" and {png}" if png else ""))
+    print(f"wrote {tables}" + (f" and {png}" if png else ""))
+    data = {"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "peak_flops_per_core": peak,
+            "peak_note": peak_note, "configs": [r.to_dict() for r in runs]}
+    result = results.write("benchmark", "Benchmark", text, data, results_dir, results.command_line(__file__, argv),
+                           files=[tables] + ([png] if png else []))
+    if result:
+        print(f"wrote {result}")
     return 0
 
 

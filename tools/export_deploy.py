@@ -39,7 +39,7 @@ def run(argv):
                         "for readers of model.json that run without oneDNN)")
     args = parser.parse_args(argv)
 
-    from ppfuse import detection, export
+    from ppfuse.ppdet import detection, export
     config = detection.load_config(args.config, args.opt)
     if config.weights and "weights" not in config.overrides and not detection.weights_file_exists(config.weights):
         # PaddleDetection's own configs name the checkpoint their training would write

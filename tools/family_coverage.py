@@ -6,6 +6,8 @@ Default configs: every detector config shipped in configs/ (one per family). For
 and left after conversion (and in the saved program), whether a trace confirmed every fold, the verification
 error against the training form, export + a Paddle Inference run, and the latency of the training form vs the
 export in Paddle Inference (interleaved, median of --rounds, random weights). Run nothing else meanwhile.
+Writes output_dir/coverage.md and .json, and the dated result <results_dir>/coverage/<date>_<cpu>.md and
+.json (--results_dir '' or --no_results: none).
 """
 import glob
 import os
@@ -19,7 +21,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from ppfuse import cli  # noqa: E402
 
 
-
 def run(argv):
     parser = cli.base_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("configs", nargs="*", help="config files (default: one per family shipped in configs/)")
@@ -28,8 +29,12 @@ def run(argv):
     parser.add_argument("--rounds", type=int, default=5, help="timed runs of each form (0: no latency)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of Paddle Inference")
     parser.add_argument("--output_dir", default="output/coverage", help="where coverage.md and .json go")
+    from ppfuse.measure import results
+    results.add_arguments(parser)
     args = parser.parse_args(argv)
-    from ppfuse import coverage, runtime
+    results_dir = results.directory(args)
+    from ppfuse import runtime
+    from ppfuse.measure import coverage
     paths = args.configs or coverage.FAMILY_CONFIGS
     missing = [p for p in paths if not glob.glob(p)]
     if missing:
@@ -41,6 +46,10 @@ def run(argv):
             f"with randomized BatchNorm statistics, median of {args.rounds} interleaved runs")
     path = coverage.write(rows, args.output_dir, note)
     print("\n" + coverage.markdown(rows) + f"\nwrote {path}")
+    result = results.write("coverage", "Family coverage", coverage.markdown(rows, note), coverage.to_data(rows),
+                           results_dir, results.command_line(__file__, argv), files=[path])
+    if result:
+        print(f"wrote {result}")
     return 0 if all(not r.failed_step for r in rows) else 1
 
 

@@ -9,7 +9,7 @@ copy and a JSON file per image to --output_dir. Boxes are clipped to the image
 and those left empty dropped, as PaddleDetection's post-processing does. An
 export of random weights (its ppfuse_report.json says so) gets one warning.
 Settings default to the fastest measured ones that give the same detections
-(see README). ONNX Runtime and OpenVINO run the export's model.onnx (export
+(docs/runtimes.md). ONNX Runtime and OpenVINO run the export's model.onnx (export
 with --onnx). --precision bf16 (CPU: Paddle Inference's oneDNN, OpenVINO) needs
 a CPU with bf16 instructions. --precision int8 (CPU: ONNX Runtime, OpenVINO)
 runs model_int8.onnx, written by tools/quantize.py. The precision that ran is
@@ -45,9 +45,10 @@ def run(argv):
     parser.add_argument("--print_max", type=int, default=20, help="detections printed per image (all go to JSON)")
     args = parser.parse_args(argv)
 
-    from ppfuse import inference
+    from ppfuse import runtime
+    from ppfuse.deploy import inference
     from ppfuse.errors import InferenceError
-    options = inference.PredictorOptions(
+    options = runtime.RuntimeOptions(
         device=args.device, precision=args.precision, tensorrt=args.tensorrt, cpu_threads=args.cpu_threads,
         onednn=args.onednn == "on", delete_passes=args.delete_pass)
     images = inference.list_images(args.image_file or args.image_dir)

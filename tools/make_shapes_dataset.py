@@ -21,7 +21,7 @@ def run(argv):
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from ppfuse.shapes import write_split
+    from ppfuse.measure.shapes import write_split
     path = write_split(args.output_dir, args.split, args.images, args.seed, args.size)
     print(f"wrote {args.images} images to {os.path.join(args.output_dir, args.split)}/ and {path}")
     return 0

@@ -30,7 +30,7 @@ def run(argv):
     parser.add_argument("--rtol", type=float, default=1e-5)
     args = parser.parse_args(argv)
 
-    from ppfuse import onnx_support
+    from ppfuse.deploy import onnx_support
     from ppfuse.errors import ExportError, VerificationError
     if not os.path.isfile(args.input):
         raise ExportError(f"{args.input}: ONNX model not found")

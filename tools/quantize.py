@@ -26,7 +26,7 @@ from ppfuse import cli  # noqa: E402
 def run(argv):
     parser = cli.base_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("--model_dir", required=True, help="directory written by tools/export_deploy.py --onnx")
-    from ppfuse import quantize
+    from ppfuse.deploy import quantize
     quantize.add_arguments(parser)
     parser.add_argument("--check", nargs="*", default=[], metavar="RUNTIME",
                         help="load model_int8.onnx in these runtimes (onnxruntime, openvino) and print what ran")

@@ -18,9 +18,13 @@ import importlib
 import importlib.util
 from typing import Optional
 
-from ..errors import InferenceError
-from .base import (PrecisionReport, Runtime, RuntimeOptions, bf16_supported, check_options,  # noqa: F401
-                   cpu_description, cpu_flags, cpu_model, int8_isa, require_bf16)
+from ppfuse.errors import InferenceError
+from ppfuse.runtime.base import (PrecisionReport, Runtime, RuntimeOptions, bf16_supported, check_options,
+                                 cpu_description, cpu_flags, cpu_model, int8_isa, require_bf16)
+
+__all__ = ["PrecisionReport", "Runtime", "RuntimeOptions", "bf16_supported", "check_options", "cpu_description",
+           "cpu_flags", "cpu_model", "int8_isa", "require_bf16", "RUNTIMES", "CPU_PRECISIONS", "runtime_class",
+           "load"]
 
 # --runtime name -> (module, class)
 RUNTIMES = {

@@ -23,8 +23,8 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InferenceError
-from ..export_format import output_names
+from ppfuse.errors import InferenceError
+from ppfuse.export_format import output_names
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either runs bf16 natively; amx_tile is AMX's tile unit

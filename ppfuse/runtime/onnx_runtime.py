@@ -18,21 +18,12 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..errors import InferenceError
-from ..export_format import INT8_ONNX_FILE, ONNX_FILE
-from .base import PrecisionReport, Runtime, RuntimeOptions, check_options, int8_isa
+from ppfuse.errors import InferenceError, require_module
+from ppfuse.export_format import INT8_ONNX_FILE, ONNX_FILE
+from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options, int8_isa
 
 INT8_CONVOLUTIONS = ("QLinearConv", "ConvInteger")
 FLOAT_CONVOLUTIONS = ("Conv", "FusedConv")
-
-
-def require_module(module: str, runtime: str, extra: str):
-    """Import an optional package, or one line saying which extra installs it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise InferenceError(f"--runtime {runtime} needs the optional package '{module}': "
-                             f"pip install -c constraints.txt -e \".[{extra}]\"") from None
 
 
 def onnx_path(model_dir: str, runtime: str, precision: str = "fp32") -> str:
@@ -52,7 +43,7 @@ def onnx_path(model_dir: str, runtime: str, precision: str = "fp32") -> str:
 def create_session(path: str, threads: int = 2, optimized_model: str = ""):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads and quiet logging; with
     ``optimized_model`` it also writes the graph it optimized for this CPU there."""
-    ort = require_module("onnxruntime", "onnxruntime", "onnx")
+    ort = require_module("onnxruntime", "--runtime onnxruntime", "onnx", InferenceError)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -107,7 +98,7 @@ class OnnxRuntime(Runtime):
     def optimized_convolutions(self) -> Dict[str, int]:
         """:func:`convolution_kinds` of the graph ONNX Runtime optimizes from this model for this CPU (the
         same settings as the running session, written out by a second session)."""
-        onnx = require_module("onnx", "onnxruntime", "onnx")
+        onnx = require_module("onnx", "--runtime onnxruntime", "onnx", InferenceError)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "optimized.onnx")
             create_session(self.path, self.options.cpu_threads, optimized_model=path)

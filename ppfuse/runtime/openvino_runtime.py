@@ -16,9 +16,9 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..errors import InferenceError
-from .base import PrecisionReport, Runtime, RuntimeOptions, check_options
-from .onnx_runtime import int8_report, onnx_path, require_module
+from ppfuse.errors import InferenceError, require_module
+from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
+from ppfuse.runtime.onnx_runtime import int8_report, onnx_path
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the model's QDQ nodes
 INT8_TYPES = ("u8", "i8")
@@ -43,7 +43,7 @@ class OpenVINO(Runtime):
         check_options(self.options, self.name)
         if self.options.device != "cpu":
             raise InferenceError("--runtime openvino runs on CPU here; use --device cpu")
-        ov = require_module("openvino", "openvino", "openvino")
+        ov = require_module("openvino", "--runtime openvino", "openvino", InferenceError)
         path = onnx_path(model_dir, self.title, self.options.precision)
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.options.precision],

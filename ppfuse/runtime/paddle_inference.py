@@ -28,10 +28,10 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 import paddle
 
-from ..errors import InferenceError
-from ..export_format import (PARAMS_FILE, PLAIN_PROGRAM_FILE, plain_program_file, program_file, read_report,
+from ppfuse.errors import InferenceError
+from ppfuse.export_format import (PARAMS_FILE, PLAIN_PROGRAM_FILE, plain_program_file, program_file, read_report,
                              require_paddle_3)
-from .base import PrecisionReport, Runtime, RuntimeOptions, check_options
+from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
 
 # passes that, deleted with oneDNN on, make Paddle 3.3.1 give wrong outputs after the first run
 UNSAFE_TO_DELETE_WITH_ONEDNN = ("constant_folding_pass",)
@@ -43,7 +43,7 @@ def check_device(options: RuntimeOptions) -> None:
     if options.device == "gpu":
         if not paddle.is_compiled_with_cuda():
             raise InferenceError(f"--device gpu: this Paddle {paddle.__version__} build has no CUDA support; "
-                                 "install a PaddlePaddle 3.x GPU build (README, GPU), or use --device cpu")
+                                 "install a PaddlePaddle 3.x GPU build (docs/gpu.md), or use --device cpu")
         if paddle.device.cuda.device_count() == 0:
             raise InferenceError("--device gpu: Paddle has CUDA support but sees no GPU; use --device cpu")
     elif options.precision == "bf16" and not options.onednn:
@@ -95,8 +95,8 @@ def create_predictor(model_dir: str, options: Optional[RuntimeOptions] = None, p
             config.disable_onednn()
             if (os.path.basename(program) != PLAIN_PROGRAM_FILE
                     and (read_report(model_dir).get("rewrites") or {}).get("conv_bias") == "in_conv"):
-                # an export from before model_plain.json; measured 2026-11-26 (README, Benchmark): 1.17-1.23x
-                # the ppdet path at batch 2 on s, 1.09x on l
+                # an export from before model_plain.json: Paddle's plain kernels broadcast the [1, C, 1, 1]
+                # bias adds slowly over a batch, which made it slower than the ppdet path there
                 print(f"WARNING: {model_dir} keeps conv biases in the form oneDNN fuses and has no "
                       "model_plain.json; with oneDNN off, Paddle's own kernels add them slowly at batch > 1 -- "
                       "export it again (or with --conv_bias channel_add)", file=sys.stderr)

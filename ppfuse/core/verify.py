@@ -1,0 +1,233 @@
+"""Equivalence check: run two models on the same inputs and compare every output.
+
+Used by the tests and by export, which refuses to write a model whose
+outputs differ from the training form beyond tolerance.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import paddle
+
+from ppfuse.errors import VerificationError
+
+
+@dataclass
+class OutputError:
+    """How far one output of the candidate is from the reference's."""
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float       # max |a - b| / max |b|: error relative to the output's scale
+    worst_ratio: float   # max |a - b| / (atol + rtol |b|): > 1 fails np.allclose-style
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+
+@dataclass
+class RoundingCheck:
+    """A candidate judged against a float64 evaluation of the original, for models where fp32
+    rounding alone exceeds the tolerance: the candidate may deviate from float64 at most
+    ``factor`` times as much as the original's own fp32 evaluation does (per output)."""
+    original_error: Dict[str, float]   # max |original fp32 - original float64|
+    candidate_error: Dict[str, float]  # max |candidate - original float64|
+    factor: float = 2.0
+
+    @property
+    def ok(self) -> bool:
+        return all(self.candidate_error[k] <= self.factor * self.original_error[k] + 1e-7
+                   for k in self.original_error)
+
+    def summary(self) -> str:
+        return "; ".join(f"{k}: {self.candidate_error[k]:.3g} from float64 (original fp32: "
+                         f"{self.original_error[k]:.3g})" for k in self.original_error)
+
+
+def rounding_check(original32: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
+                   original64: Dict[str, np.ndarray], factor: float = 2.0) -> RoundingCheck:
+    """The one criterion for "as close to the exact function as fp32 allows" (see :class:`RoundingCheck`)."""
+    def error(values):
+        return {k: float(np.abs(values[k].astype(np.float64) - original64[k]).max())
+                if np.isfinite(values[k]).all() else float("inf") for k in original64}
+    return RoundingCheck(error(original32), error(candidate), factor)
+
+
+@dataclass
+class VerificationResult:
+    outputs: List[OutputError]
+    atol: float
+    rtol: float
+    # set when the outputs exceed atol/rtol and the original was also run in float64
+    rounding: Optional[RoundingCheck] = None
+
+    @property
+    def within_tolerance(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def ok(self) -> bool:
+        return self.within_tolerance or (self.rounding is not None and self.rounding.ok)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def summary(self) -> str:
+        """:meth:`brief`, then one line per output; outputs beyond atol/rtol are marked by what
+        decided: passed or failed by the float64 criterion."""
+        def mark(o: OutputError) -> str:
+            if o.ok:
+                return ""
+            if self.rounding is None:
+                return "  <-- above tolerance"
+            if self.rounding.ok:
+                return "  (above atol/rtol; passed by the float64 criterion)"
+            return "  <-- above atol/rtol and failed the float64 criterion"
+        rows = [f"  {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}{mark(o)}"
+                for o in self.outputs]
+        return self.brief() + "\n" + "\n".join(rows)
+
+    def brief(self) -> str:
+        """One line: the largest errors, which criterion decided, and why."""
+        errors = f"max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}"
+        tolerance = f"atol {self.atol:g}, rtol {self.rtol:g}"
+        if self.within_tolerance:
+            return f"{errors}: within tolerance ({tolerance})"
+        if self.rounding is None:
+            return f"{errors}: above tolerance ({tolerance})"
+        factor = f"{self.rounding.factor:g}x"
+        if self.rounding.ok:
+            return (f"{errors}: above the fixed tolerance ({tolerance}), passed by the float64 criterion: "
+                    f"no further from a float64 evaluation of the original than {factor} the original's own "
+                    f"fp32 error, so the difference is fp32 rounding that this model amplifies, not the "
+                    f"conversion ({self.rounding.summary()})")
+        return (f"{errors}: above the fixed tolerance ({tolerance}) and failed the float64 criterion: "
+                f"BEYOND {factor} the original's own fp32 error from a float64 evaluation "
+                f"({self.rounding.summary()})")
+
+    def to_dict(self) -> dict:
+        return {"atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "outputs": [vars(o) | {"shape": list(o.shape)} for o in self.outputs],
+                "float64_check": vars(self.rounding) if self.rounding else None}
+
+
+def float64_copy(model):
+    """A copy of ``model`` computing in float64 -- the reference that tells fp32 rounding from a conversion
+    error. Parameters and buffers are cast by ``Layer.to``; tensors a layer keeps as plain attributes
+    (PP-YOLOE's precomputed ``anchor_points``, ``stride_tensor``) too. ``model`` is left as it is."""
+    model64 = copy.deepcopy(model)
+    model64.to(dtype="float64")
+    for layer in [model64] + model64.sublayers():
+        for key, value in list(vars(layer).items()):
+            if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16):
+                setattr(layer, key, value.astype("float64"))
+    return model64
+
+
+def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:
+    """Tensors of a nested output (tensor, list, tuple, dict) as ``{path: array}``."""
+    if isinstance(out, paddle.Tensor):
+        return {prefix: out.numpy()}
+    if isinstance(out, np.ndarray):
+        return {prefix: out}
+    if isinstance(out, dict):
+        items = out.items()
+    elif isinstance(out, (list, tuple)):
+        items = enumerate(out)
+    else:  # None and non-tensor values carry no numbers to compare
+        return {}
+    flat = {}
+    for key, value in items:
+        flat.update(flatten_outputs(value, f"{prefix}.{key}"))
+    return flat
+
+
+def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
+            atol: float, rtol: float) -> VerificationResult:
+    """Compare two ``{name: array}`` sets output by output."""
+    if reference.keys() != candidate.keys():
+        raise VerificationError(f"outputs differ: reference has {sorted(reference)}, candidate {sorted(candidate)}")
+    rows = []
+    for name, ref in reference.items():
+        got = candidate[name]
+        if ref.shape != got.shape:
+            raise VerificationError(f"output {name}: shape {list(got.shape)} differs from the reference's "
+                                    f"{list(ref.shape)}")
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(ref64 - got64)
+        if diff.size == 0:
+            rows.append(OutputError(name, ref.shape, 0.0, 0.0, 0.0))
+            continue
+        if not np.isfinite(got64).all() and np.isfinite(ref64).all():
+            rows.append(OutputError(name, ref.shape, float("inf"), float("inf"), float("inf")))
+            continue
+        scale = float(np.abs(ref64).max()) or 1.0
+        rows.append(OutputError(name, ref.shape, float(diff.max()), float(diff.max()) / scale,
+                                float((diff / (atol + rtol * np.abs(ref64))).max())))
+    return VerificationResult(rows, atol, rtol)
+
+
+def judge(original: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], atol: float, rtol: float,
+          original64: Callable[[], Dict[str, np.ndarray]]) -> VerificationResult:
+    """:func:`compare`, and beyond tolerance the float64 check (``original64`` is called only then)."""
+    result = compare(original, candidate, atol, rtol)
+    if not result.within_tolerance:
+        result.rounding = rounding_check(original, candidate, original64())
+    return result
+
+
+def verify(original: Callable, converted: Callable, inputs: List[Any], atol: float = 1e-5,
+           rtol: float = 1e-5, what: str = "converted model", raise_on_error: bool = True,
+           output_names: Optional[Callable[[Any], Any]] = None) -> VerificationResult:
+    """Run ``original`` and ``converted`` on each of ``inputs`` and compare all outputs.
+
+    Args:
+        original, converted: callables (usually layers in eval mode).
+        inputs: a list of argument tuples (or single arguments) to call both with.
+        atol, rtol: tolerance, as ``np.allclose``: ``|a - b| <= atol + rtol |b|``.
+        what: named in the error message.
+        raise_on_error: raise :class:`VerificationError` above tolerance.
+        output_names: optional function mapping a raw output to the structure compared.
+
+    Returns:
+        A :class:`VerificationResult` with the max abs / rel error per output.
+    """
+    pick = output_names or (lambda out: out)
+    reference, candidate = {}, {}
+    with paddle.no_grad():
+        for i, args in enumerate(inputs):
+            args = args if isinstance(args, tuple) else (args,)
+            reference.update(flatten_outputs(pick(original(*args)), f"input{i}"))
+            candidate.update(flatten_outputs(pick(converted(*args)), f"input{i}"))
+    result = compare(reference, candidate, atol, rtol)
+    if raise_on_error and not result.ok:
+        raise VerificationError(f"{what} differs from the original beyond tolerance: {result.summary()}")
+    return result
+
+
+def compare_detections(reference, candidate, box_atol: float, score_atol: float = 1e-4):
+    """Two ppdet-style NMS outputs ``(bbox [K, 6], bbox_num [N])``: same detections?
+
+    Same counts and classes, scores within ``score_atol``, boxes within
+    ``box_atol`` pixels. Returns ``(ok, description)``.
+    """
+    ref_bbox, ref_num = (np.asarray(a) for a in reference)
+    bbox, num = (np.asarray(a) for a in candidate)
+    if not np.array_equal(num, ref_num):
+        return False, f"different count ({num.tolist()} vs {ref_num.tolist()})"
+    if not np.array_equal(bbox[:, 0], ref_bbox[:, 0]):
+        return False, "different classes"
+    score = float(np.abs(bbox[:, 1] - ref_bbox[:, 1]).max()) if len(bbox) else 0.0
+    box = float(np.abs(bbox[:, 2:] - ref_bbox[:, 2:]).max()) if len(bbox) else 0.0
+    if score <= score_atol and box <= box_atol:
+        return True, f"same (box diff {box:.2g} px, score diff {score:.2g})"
+    return False, f"differ: box {box:.3g} px, score {score:.2g}"

@@ -1,0 +1,260 @@
+"""int8 from a ppfuse export: ``model_int8.onnx`` (QDQ) next to its ``model.onnx``, calibrated on images.
+
+    from ppfuse.deploy import quantize
+    result = quantize.quantize_export("output_inference/ppyoloe_plus_crn_s_320_test", "dataset/shapes/train")
+    # -> model_int8.onnx next to model.onnx; tools/infer.py --runtime onnxruntime|openvino --precision int8 runs it
+
+Quantization is ONNX Runtime's static post-training quantization
+(``quantize_static``) in QDQ format: every Conv gets QuantizeLinear ->
+DequantizeLinear pairs on its input and output activations (uint8 by default)
+and int8 weights stored as such with a DequantizeLinear (per output channel by
+default), calibrated on images preprocessed exactly as the export's
+``infer_cfg.yml`` says. Only Conv nodes are quantized -- they hold nearly all
+of the network's arithmetic; the rest of PP-YOLOE (swish's Sigmoid and Mul,
+the residual Adds, the ESE attention, the head's Softmax, box decoding and NMS)
+stays float, so residual sums and decoding are computed as in fp32. Quantizing
+Add/Mul too would add QDQ pairs whose effect is not measured here.
+
+uint8 activations (asymmetric) rather than int8: every conv input here is a
+swish output or the normalized image, ranges far from symmetric (swish >=
+-0.28), which symmetric int8 would spend half its codes on; and x86's VNNI
+``vpdpbusd`` multiplies unsigned by signed 8-bit, the u8 x s8 form oneDNN and
+OpenVINO use natively. ``activation_type="int8"`` is available for comparison.
+
+What int8 costs each conv (SQNR) is measured by :mod:`ppfuse.measure.sqnr`.
+Needs the ``[int8]`` extra (ONNX Runtime's quantization imports
+``ml_dtypes``; 0.3.2 keeps numpy 1.23).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ppfuse.errors import ConfigError, ExportError, require_module
+from ppfuse.export_format import INT8_ONNX_FILE, ONNX_FILE, REPORT_FILE, read_report
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's MinMax, Entropy, Percentile
+ACTIVATION_TYPES = ("uint8", "int8")
+INPUTS = ("image", "scale_factor")
+Log = Callable[[str], None]
+
+
+@dataclass
+class QuantizeSettings:
+    """How to quantize: calibration images, method, weight granularity, activation type, node types."""
+    images: int = 32
+    calibration: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    symmetric_activations: bool = False  # zero point 0 (int8) / 128 (uint8): no zero-point subtraction to run
+    op_types: Sequence[str] = ("Conv",)
+    exclude: Sequence[str] = ()  # node names to leave float
+
+    def check(self) -> None:
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ConfigError(f"--calibration {self.calibration}: use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise ConfigError(f"--activation_type {self.activation_type}: use uint8 or int8")
+        if self.images < 1:
+            raise ConfigError(f"--images {self.images}: calibrate on 1 image or more")
+
+    def describe(self) -> str:
+        return (f"QDQ, {'/'.join(self.op_types)} only, {'per-channel' if self.per_channel else 'per-tensor'} int8 "
+                f"weights, {'symmetric ' if self.symmetric_activations else ''}{self.activation_type} activations, {self.calibration} calibration on "
+                f"{self.images} image(s)" + (f", {len(self.exclude)} node(s) left float" if self.exclude else ""))
+
+
+def add_arguments(parser, images: int = 32) -> None:
+    """The calibration and quantization arguments of ``tools/quantize.py`` and ``tools/quantization_error.py``."""
+    parser.add_argument("--image_dir", default="dataset/shapes/train", help="calibration images "
+                        "(default dataset/shapes/train: tools/make_shapes_dataset.py)")
+    parser.add_argument("--images", type=int, default=images, help=f"calibration images, the first by name "
+                        f"(default {images})")
+    parser.add_argument("--calibration", default="minmax", help="minmax (default), entropy or percentile")
+    parser.add_argument("--per_tensor", action="store_true", help="one weight scale per kernel (default: per "
+                        "output channel)")
+    parser.add_argument("--activation_type", default="uint8", help="uint8 (default) or int8")
+    parser.add_argument("--symmetric_activations", action="store_true", help="activation ranges symmetric "
+                        "around 0 (zero point 0 for int8): OpenVINO then has no zero point to subtract")
+
+
+def settings_from_args(args) -> QuantizeSettings:
+    """:class:`QuantizeSettings` from the arguments of :func:`add_arguments`, checked."""
+    settings = QuantizeSettings(images=args.images, calibration=args.calibration, per_channel=not args.per_tensor,
+                                activation_type=args.activation_type,
+                                symmetric_activations=args.symmetric_activations)
+    settings.check()
+    return settings
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_export` wrote: the file, how many of the convs it quantized, on which images."""
+    path: str
+    convs: int
+    quantized_convs: int
+    images: List[str]
+    settings: QuantizeSettings
+
+    def line(self) -> str:
+        return (f"wrote {self.path}: {self.quantized_convs} of {self.convs} convs int8 "
+                f"({self.settings.describe()})")
+
+
+def require_quantization():
+    """ONNX Runtime's quantization package, or one line saying which extra installs what it needs (ml_dtypes
+    and onnx, which it imports, are asked for first so that the line names them)."""
+    require_module("ml_dtypes", "int8", "int8")
+    require_module("onnx", "int8", "int8")
+    return require_module("onnxruntime.quantization", "int8", "int8")
+
+
+# --- calibration data -------------------------------------------------------------------------------------------
+
+
+def calibration_images(image_dir: str, count: int) -> List[str]:
+    """The first ``count`` images of ``image_dir`` in name order (the same ones on every run)."""
+    from ppfuse.deploy.inference import list_images
+    if not os.path.isdir(image_dir):
+        raise ConfigError(f"--image_dir {image_dir}: not a directory (e.g. dataset/shapes/train, written by "
+                          "tools/make_shapes_dataset.py)")
+    return list_images(image_dir)[:count]
+
+
+def calibration_inputs(model_dir: str, paths: Sequence[str]) -> List[Dict[str, np.ndarray]]:
+    """The network's inputs for each image, preprocessed as the export's ``infer_cfg.yml`` says."""
+    from ppfuse.deploy.inference import Preprocess, read_image
+    preprocess = Preprocess.from_infer_cfg(model_dir)
+    return [{k: v for k, v in preprocess(read_image(p)).items() if k in INPUTS} for p in paths]
+
+
+# --- the ONNX model ---------------------------------------------------------------------------------------------
+
+
+def constants_as_initializers(model):
+    """``model`` with every ``Constant`` node's tensor moved into the graph's initializers (in place).
+
+    paddle2onnx writes the conv weights as Constant nodes. ONNX Runtime's
+    quantizer treats those as activations: the file keeps float weights behind
+    a QuantizeLinear, and OpenVINO then runs the convs in f32. As initializers
+    they are stored as int8 and run int8.
+    """
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = model.graph.initializer.add()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def _quiet_onnxruntime() -> None:
+    import onnxruntime
+    onnxruntime.set_default_logger_severity(3)  # the quantizer's session warns about each unused initializer
+    logging.getLogger("root").setLevel(logging.ERROR)  # "Please consider to run pre-processing" on every call
+
+
+def quantize_onnx(source: str, target: str, feeds: Sequence[Mapping[str, np.ndarray]],
+                  settings: Optional[QuantizeSettings] = None) -> None:
+    """Write the QDQ int8 model of the float ONNX model ``source`` to ``target``, calibrated on ``feeds``."""
+    settings = settings or QuantizeSettings()
+    settings.check()
+    quantization = require_quantization()
+    import onnx
+    _quiet_onnxruntime()
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    method = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
+              "percentile": quantization.CalibrationMethod.Percentile}[settings.calibration]
+    activation = quantization.QuantType.QUInt8 if settings.activation_type == "uint8" else quantization.QuantType.QInt8
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        onnx.save(constants_as_initializers(onnx.load(source)), prepared)
+        quantization.quantize_static(
+            prepared, target, Reader(), quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=list(
+                settings.op_types), per_channel=settings.per_channel, activation_type=activation,
+            weight_type=quantization.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=list(settings.exclude),
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={"ActivationSymmetric": bool(settings.symmetric_activations)})
+
+
+def conv_nodes(model) -> list:
+    return [node for node in model.graph.node if node.op_type == "Conv"]
+
+
+def quantized_conv_count(model) -> int:
+    """Convs whose weight comes from a DequantizeLinear of an int8 initializer (what int8 runtimes fuse)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    count = 0
+    for node in conv_nodes(model):
+        weight = producers.get(node.input[1])
+        if weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in initializers:
+            count += 1
+    return count
+
+
+def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeSettings] = None,
+                    log: Log = print) -> QuantizeResult:
+    """Write ``model_int8.onnx`` next to the export's ``model.onnx`` and record it in ``ppfuse_report.json``.
+
+    Args:
+        model_dir: an export directory written with ``--onnx``.
+        image_dir: calibration images (e.g. ``dataset/shapes/train``); the first ``settings.images`` by name.
+        settings: :class:`QuantizeSettings` (default: MinMax, per-channel int8 weights, uint8 activations,
+            Conv only, 32 images).
+
+    Raises:
+        ConfigError: a missing ``model.onnx``, extra, image directory, or bad settings.
+        ExportError: the file could not be written.
+    """
+    settings = settings or QuantizeSettings()
+    settings.check()
+    source = os.path.join(model_dir, ONNX_FILE)
+    if not os.path.isfile(source):
+        raise ConfigError(f"{model_dir}: no {ONNX_FILE}; export with --onnx (tools/export_deploy.py ... --onnx) "
+                          "before quantizing")
+    require_quantization()
+    import onnx
+    paths = calibration_images(image_dir, settings.images)
+    log(f"calibrating on {len(paths)} image(s) of {image_dir} ({settings.describe()})")
+    feeds = calibration_inputs(model_dir, paths)
+    target = os.path.join(model_dir, INT8_ONNX_FILE)
+    staging = target + ".tmp"
+    try:
+        quantize_onnx(source, staging, feeds, settings)
+        quantized = onnx.load(staging)
+        result = QuantizeResult(target, len(conv_nodes(quantized)), quantized_conv_count(quantized), paths, settings)
+        report = read_report(model_dir)
+        record = asdict(settings)
+        record.update(file=INT8_ONNX_FILE, images=len(paths), image_dir=image_dir, convs=result.convs,
+                      quantized_convs=result.quantized_convs, op_types=list(settings.op_types),
+                      exclude=list(settings.exclude))
+        report["int8"] = record
+        with open(os.path.join(model_dir, REPORT_FILE + ".tmp"), "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(staging, target)
+        os.replace(os.path.join(model_dir, REPORT_FILE + ".tmp"), os.path.join(model_dir, REPORT_FILE))
+    except OSError as exc:
+        raise ExportError(f"{target}: cannot write ({exc.strerror})") from None
+    finally:
+        for path in (staging, os.path.join(model_dir, REPORT_FILE + ".tmp")):
+            if os.path.exists(path):
+                os.remove(path)
+    return result

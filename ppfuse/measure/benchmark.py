@@ -1,0 +1,612 @@
+"""Side-by-side benchmark of export variants in every runtime and precision, in one process
+(``tools/benchmark.py``): latency, ops, size, conversion time, memory.
+
+Variants of one random-weight model (BatchNorm statistics from generated
+images, alpha != 1), each exported by :func:`ppfuse.ppdet.export.save_inference_model`:
+
+* ``train form`` -- no conversion at all;
+* ``ppdet path`` -- ``convert_to_deploy()`` on each ppdet ``RepVggBlock``, as
+  ppdet's trainer export does, nothing else;
+* ``ppfuse deploy`` -- :func:`ppfuse.core.convert`: every block one conv, every
+  Conv+BN folded. Its program is already the plain network (one conv with
+  bias per block, no BatchNorm), so no separate "plain" variant is built.
+
+Rows, each a runtime and precision of :mod:`ppfuse.runtime`: Paddle Inference
+with oneDNN and its default passes (fp32, and bf16 on a CPU with bf16
+instructions), any extra "oneDNN minus these passes" rows asked for, Paddle
+Inference without oneDNN, ONNX Runtime fp32 and OpenVINO fp32 and bf16 (on the
+variants' ``model.onnx``, with the optional packages), and GPU rows only on a
+CUDA build with a device. Rows that cannot run here are listed with the reason.
+Latency rounds are interleaved (A B C A B C ...) so machine drift hits every
+variant alike; every ratio is to the ppdet path measured in the same run.
+Runtimes do not share threads: after a run, Paddle's OpenMP threads keep
+spinning for up to 200 ms (``KMP_BLOCKTIME``) and so do ONNX Runtime's, taking
+the cores from the next runtime and slowing it down. So a timed run that
+follows another runtime's run (anything but Paddle after Paddle, whose
+predictors share one OpenMP pool) waits :data:`SETTLE_SECONDS` first, and each
+cell then runs as fast as it does alone in a fresh process. Each round starts
+one cell later than the one before (:func:`rotated`), so no cell is always the
+first after a pause or always the one after a particular model.
+
+Each runtime runs what an export gives it: Paddle Inference without oneDNN
+runs ppfuse deploy's ``model_plain.json`` (conv biases as ``[C, 1, 1]`` adds,
+the form Paddle's plain CPU kernels run faster), every other row ``model.json``
+or ``model.onnx``.
+
+By default the exported programs end before NMS: NMS is the same in every
+variant, and with random weights it has thousands of candidate boxes a
+trained model never gives it, which makes NMS a large share of the time, so
+it would hide the part re-parameterization changes. ``with_nms=True``
+measures the whole detector.
+
+Parity is checked on the second run of each predictor and again on its last
+timed run, never only on the first (bf16 cells against a looser, stated
+criterion, :data:`BF16_MEAN_ERROR`): Paddle Inference 3.3.1 with oneDNN and
+``constant_folding_pass`` deleted is right on the first run of a conv with
+bias and an activation, and wrong (NaN on PP-YOLOE) on every later one.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from ppfuse import runtime as runtimes
+from ppfuse.core import layers
+from ppfuse.core.convert import convert
+from ppfuse.core.verify import compare_detections, judge
+from ppfuse.deploy.program import count_ops
+from ppfuse.export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
+from ppfuse.measure.results import table
+from ppfuse.ppdet.detection import DetectionConfig, build_model, raw_outputs_float64
+from ppfuse.ppdet.detectors import DetectorForInference, ppdet_path, ppyoloe_outputs, sample_inputs
+from ppfuse.ppdet.export import DEFAULT_ATOL, DEFAULT_RTOL, save_inference_model, save_plain_program, verify_deployed
+
+VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
+COUNTED = ("conv2d", "batch_norm", "add", "add_tensors", "if")
+
+
+@dataclass
+class Row:
+    """One runtime and precision of the table: ``runtime`` is a :data:`ppfuse.runtime.RUNTIMES` name."""
+    name: str
+    runtime: str
+    options: runtimes.RuntimeOptions
+
+
+# seconds a timed run waits after another runtime's run: longer than the 200 ms Paddle's OpenMP threads
+# (KMP_BLOCKTIME) and ONNX Runtime's pool spin after a run
+SETTLE_SECONDS = 0.3
+
+
+def needs_settle(previous: Optional[str], runtime: str) -> bool:
+    """Whether a run in ``runtime`` must wait for the threads of the ``previous`` run's runtime to go idle:
+    always, except Paddle after Paddle (one process, one OpenMP pool) or at the start."""
+    return previous is not None and not (previous == runtime == "paddle")
+
+
+def rotated(count: int, round_index: int) -> List[int]:
+    """The order of the cells in one round: the list rotated by the round's index, so that every cell
+    is in turn the first after a settle or right after another model (whose weights fill the caches)."""
+    start = round_index % count if count else 0
+    return list(range(start, count)) + list(range(start))
+
+
+BASE_RUNTIME = "Paddle Inference oneDNN fp32"
+
+
+def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print) -> List[Row]:
+    """Every CPU runtime x precision that can run here; a line for each one that cannot."""
+    options = lambda **kw: runtimes.RuntimeOptions(cpu_threads=threads, **kw)  # noqa: E731
+    rows = [Row(BASE_RUNTIME, "paddle", options())]
+    for passes in extra_deleted:
+        rows.append(Row("Paddle Inference oneDNN fp32, deleting " + " + ".join(passes), "paddle",
+                        options(delete_passes=list(passes))))
+    bf16 = runtimes.bf16_supported()
+    if bf16:
+        rows.append(Row("Paddle Inference oneDNN bf16", "paddle", options(precision="bf16")))
+    rows.append(Row("Paddle Inference no oneDNN fp32", "paddle", options(onednn=False)))
+    for name, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        if not (onnx_available() and runtimes.available(name)):
+            log(f"not measured: {title} (needs the [onnx] extra to write model.onnx and the [{name}] extra)"
+                if name == "openvino" else f"not measured: {title} (needs the [onnx] extra)")
+            continue
+        for precision in runtimes.CPU_PRECISIONS[name]:
+            if precision == "bf16" and not bf16:
+                continue
+            rows.append(Row(f"{title} {precision}", name, options(precision=precision)))
+    if not bf16:
+        log(f"not measured: bf16 rows: this CPU ({runtimes.cpu_model()}) has no bf16 instructions")
+    return rows
+
+
+def gpu_rows() -> List[Row]:
+    if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+        return []
+    return [Row("Paddle Inference GPU fp32", "paddle", runtimes.RuntimeOptions(device="gpu")),
+            Row("Paddle Inference GPU TensorRT fp16", "paddle",
+                runtimes.RuntimeOptions(device="gpu", precision="fp16", tensorrt=True))]
+
+
+def int8_available() -> bool:
+    """Whether ONNX Runtime's quantization can run (the [int8] extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("ml_dtypes", "onnx", "onnxruntime"))
+
+
+# generated images calibrate the random-weight variants: the timing does not depend on what they show
+INT8_CALIBRATION_IMAGES = 8
+
+
+def _quantize_variant(directory: str, size: List[int]) -> None:
+    """``model_int8.onnx`` of a variant (ppfuse's defaults: QDQ, Conv only, per-channel int8 weights)."""
+    from ppfuse.deploy import quantize
+    feeds = []
+    for seed in range(INT8_CALIBRATION_IMAGES):
+        image, scale = sample_inputs(size, 1, 100 + seed)
+        feeds.append({"image": image.numpy(), "scale_factor": scale.numpy()})
+    quantize.quantize_onnx(os.path.join(directory, ONNX_FILE), os.path.join(directory, INT8_ONNX_FILE), feeds)
+
+
+def onnx_available() -> bool:
+    """Whether model.onnx can be written (paddle2onnx) and checked (onnxruntime)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("paddle2onnx", "onnxruntime"))
+
+
+# bf16 (8-bit mantissa) is not exact: its cells are judged by mean absolute error, on boxes as a
+# fraction of the input size and on scores; the limits leave room above bf16's rounding on random weights
+# and catch a broken kernel (NaN, wrong layout), whose error is of the order of the outputs themselves
+BF16_MEAN_ERROR = {"boxes_over_size": 0.01, "scores": 0.005}
+
+
+@dataclass
+class VariantResult:
+    name: str
+    directory: str
+    ops: Dict[str, int]
+    params_bytes: int
+    prepare_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    error: Optional[str] = None
+
+
+@dataclass
+class Measurement:
+    variant: str
+    runtime: str
+    batch: int
+    times: List[float] = field(default_factory=list)
+    parity: str = ""
+    error: Optional[str] = None
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.times)) if self.times else float("nan")
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.times, 90)) if self.times else float("nan")
+
+
+def conv_flops(model, size: List[int]) -> float:
+    """Multiply-adds x 2 of every conv for one image, from the output shapes of a forward pass."""
+    total = [0.0]
+    hooks = []
+
+    def hook(layer, inputs, output):
+        k = int(np.prod(layer.weight.shape[1:]))  # C_in/g * kh * kw
+        total[0] += 2.0 * k * float(np.prod(output.shape[1:]))
+    for sub in model.sublayers():
+        if layers.is_conv(sub):
+            hooks.append(sub.register_forward_post_hook(hook))
+    image, scale = sample_inputs(size, 1, 0)
+    with paddle.no_grad():
+        DetectorForInference(model, with_nms=False)(image, scale)
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def peak_flops() -> (float, str):
+    """Peak fp32 FLOP rate of one core, and how it was derived (a nominal figure, see the note)."""
+    flags, mhz, vendor, family = "", 0.0, "", 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = line
+                elif line.startswith("cpu MHz") and not mhz:
+                    mhz = float(line.split(":")[1])
+                elif line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":")[1].strip()
+                elif line.startswith("cpu family") and not family:
+                    family = int(line.split(":")[1])
+    except OSError:
+        pass
+    try:  # the boost clock, where the VM shows it
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            mhz = max(mhz, int(f.read()) / 1000.0)
+    except OSError:
+        pass
+    if "avx512f" in flags and (vendor != "AuthenticAMD" or family >= 26):
+        # Intel with two AVX-512 FMA units; AMD Zen 5 (family 26) has full-width 512-bit FMA pipes
+        per_cycle, unit = 64, "AVX-512, 2 FMA units"
+    elif "fma" in flags:
+        # AMD Zen 4 runs 512-bit ops on two 256-bit FMA pipes: 32 fp32 FLOP/cycle like AVX2
+        per_cycle, unit = 32, "2x256-bit FMA"
+    else:
+        per_cycle, unit = 8, "SSE"
+    return mhz * 1e6 * per_cycle, f"{mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({unit}) per core"
+
+
+def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = False, log: Callable = print):
+    """Build the random-weight model once and export the three variants; returns their results. ppfuse
+    deploy gets its ``model_plain.json`` as its export does (the ppdet path has no conv biases to write)."""
+    size = config.input_size()
+    built = build_model(config, deploy=False, seed=0)
+    train = built.training_model
+    results = {}
+    for name in VARIANTS:
+        directory = os.path.join(workdir, name.replace(" ", "_"))
+        os.makedirs(directory, exist_ok=True)
+        verify_seconds = 0.0
+        model = train if name == "train form" else copy.deepcopy(train)
+        start = time.perf_counter()  # conversion in place, copying excluded for both converters
+        if name == "ppdet path":
+            ppdet_path(model, inplace=True)
+        elif name == "ppfuse deploy":
+            convert(model, inplace=True)
+        prepare = time.perf_counter() - start
+        if name == "ppfuse deploy":
+            start = time.perf_counter()
+            verify_deployed(train, model, size)
+            verify_seconds = time.perf_counter() - start
+        result = VariantResult(name, directory, {}, 0, prepare, verify_seconds)
+        try:
+            # ppdet's own path keeps its ESE mean and gets only the plain exact upsample (without which no
+            # variant runs under oneDNN); ppfuse deploy gets ppfuse's speed forms
+            speed_forms = name == "ppfuse deploy"
+            save_inference_model(model, os.path.join(directory, MODEL_FILE), size, with_nms=with_nms,
+                                 speed_forms=speed_forms)
+            if name == "ppfuse deploy":
+                save_plain_program(model, directory, size, with_nms)
+            result.ops = count_ops(directory)
+            result.params_bytes = os.path.getsize(os.path.join(directory, PARAMS_FILE))
+            if name != "train form" and onnx_available():  # the train form's `if` ops fail in every runtime
+                from ppfuse.deploy import onnx_support
+                staging = os.path.join(directory, "onnx_source")
+                save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms,
+                                     topk_before_nms=with_nms, speed_forms=speed_forms)
+                onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
+                if int8_available():
+                    _quantize_variant(directory, size)
+        except Exception as exc:  # a variant that cannot be exported is a result, not a crash
+            result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        log(f"exported {name}: {result.error or 'ok'}")
+        results[name] = result
+    return built, results
+
+
+@dataclass
+class Reference:
+    """The training-form dygraph model's outputs on one batch (fp32; float64 too without NMS)."""
+    outputs: List[np.ndarray]
+    float64: Optional[List[np.ndarray]] = None
+
+
+def reference_outputs(model, size: List[int], batch: int, with_nms: bool):
+    """Inputs of one batch and the training-form model's outputs on them."""
+    image, scale = sample_inputs(size, batch, 7)
+    with paddle.no_grad():
+        outputs = [o.numpy() for o in DetectorForInference(model, with_nms=with_nms)(image, scale)]
+    exact = None if with_nms else list(raw_outputs_float64(model, image, scale))
+    return {"image": image.numpy(), "scale_factor": scale.numpy()}, Reference(outputs, exact)
+
+
+def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,
+           precision: str = "fp32"):
+    """``(ok, description)``: detections (with NMS) or boxes and scores (without) against the reference.
+
+    The export check's criterion: atol/rtol 1e-4 on scores and on boxes as fractions of the input
+    size, or, beyond it, no further from float64 than twice the training form's fp32 error. bf16
+    outputs: mean absolute error within :data:`BF16_MEAN_ERROR` (NMS outputs of bf16 are not compared:
+    with random weights their ties reorder).
+    """
+    if precision in ("bf16", "int8"):
+        return low_precision_parity(reference, outputs, size, with_nms, precision)
+    if with_nms:
+        return compare_detections(reference.outputs, outputs, DEFAULT_ATOL * max(size))
+    if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
+        return False, f"different outputs ({[list(o.shape) for o in outputs]})"
+    result = judge(ppyoloe_outputs(*reference.outputs, size=size), ppyoloe_outputs(*outputs, size=size),
+                   DEFAULT_ATOL, DEFAULT_RTOL, lambda: ppyoloe_outputs(*reference.float64, size=size))
+    extent = float(max(size))
+    boxes, scores = result.outputs
+    text = f"box diff {boxes.max_abs * extent:.2g} px, score diff {scores.max_abs:.2g}"
+    if result.within_tolerance:
+        return True, "same (" + text + ")"
+    check = result.rounding
+    text += (f"; from float64: box {check.candidate_error['boxes_over_size'] * extent:.2g} px, score "
+             f"{check.candidate_error['scores']:.2g} (training form fp32: box "
+             f"{check.original_error['boxes_over_size'] * extent:.2g} px, score {check.original_error['scores']:.2g})")
+    return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
+
+
+def low_precision_parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,
+                         precision: str = "bf16"):
+    """``(ok, description)`` of a bf16 or int8 cell: its drift from fp32, mean and max absolute error.
+
+    bf16 is judged by :data:`BF16_MEAN_ERROR`; int8 is not judged here (calibrated on generated images,
+    random weights push scores to 0 or 1, so small noise flips them): only a trained model's mAP says
+    what it costs (``tools/accuracy_parity.py``). A non-finite output fails either way.
+    """
+    if with_nms:
+        return True, f"{precision}: detections not compared (random weights; see accuracy parity for mAP)"
+    if len(outputs) != 2 or any(a.shape != b.shape for a, b in zip(reference.outputs, outputs)):
+        return False, f"different outputs ({[list(o.shape) for o in outputs]})"
+    expected, got = ppyoloe_outputs(*reference.outputs, size=size), ppyoloe_outputs(*outputs, size=size)
+    errors = {k: np.abs(got[k].astype(np.float64) - expected[k]) for k in expected}
+    extent = float(max(size))
+    text = (f"{precision} drift: box mean {errors['boxes_over_size'].mean() * extent:.2g} px (max "
+            f"{errors['boxes_over_size'].max() * extent:.2g}), score mean {errors['scores'].mean():.2g} (max "
+            f"{errors['scores'].max():.2g})")
+    finite = all(np.isfinite(errors[k]).all() for k in errors)
+    if precision == "int8":
+        return finite, (text + " (not judged on random weights)") if finite else "differ: " + text
+    ok = finite and all(errors[k].mean() <= limit for k, limit in BF16_MEAN_ERROR.items())
+    return ok, text if ok else "differ: " + text
+
+
+def _check_twice(call, reference: Reference, size, with_nms, precision: str = "fp32") -> str:
+    """Parity of the second run (a predictor can be right on its first run only), noting a right first run."""
+    first = [o.copy() for o in call()]
+    second = call()
+    ok, text = parity(reference, second, size, with_nms, precision)
+    if not ok and parity(reference, first, size, with_nms, precision)[0]:
+        text += "; the first run was right"
+    return text if ok else "FAILS: " + text
+
+
+def measure(variants: Dict[str, VariantResult], rows: List[Row], inputs_by_batch, references,
+            runs: int, warmup: int, size: List[int], with_nms: bool, progress=None) -> List[Measurement]:
+    """Interleaved latency of every (row, variant) pair, per batch size; parity on repeated runs. A run
+    after another runtime's run first waits :data:`SETTLE_SECONDS` (:func:`needs_settle`), outside the timing."""
+    results = []
+    for batch, inputs in inputs_by_batch.items():
+        cells = []
+        for row in rows:  # row-major: cells of one runtime follow each other, fewer settles per round
+            for variant in variants.values():
+                if row.runtime != "paddle" and variant.name == "train form":
+                    continue
+                cell = Measurement(variant.name, row.name, batch)
+                if variant.error:
+                    cell.error = "not exported"
+                else:
+                    try:
+                        model = runtimes.load(variant.directory, row.runtime, row.options)
+                        call = (lambda model=model: list(model.run(inputs).values()))
+                        cell.parity = _check_twice(call, references[batch], size, with_nms, row.options.precision)
+                        cells.append((cell, call, row))
+                    except Exception as exc:
+                        cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
+                results.append(cell)
+        last, previous = {}, None
+        for round_index in range(warmup + runs):
+            for index in rotated(len(cells), round_index):
+                cell, call, row = cells[index]
+                if needs_settle(previous, row.runtime):
+                    time.sleep(SETTLE_SECONDS)
+                previous = row.runtime
+                start = time.perf_counter()
+                last[index] = call()
+                elapsed = time.perf_counter() - start
+                if round_index >= warmup:
+                    cell.times.append(elapsed)
+                if progress:
+                    progress()
+        for index, (cell, _, row) in enumerate(cells):  # still right after all the runs?
+            ok, text = parity(references[batch], last[index], size, with_nms, row.options.precision)
+            if not ok and not cell.parity.startswith("FAILS"):
+                cell.parity = f"FAILS on the last timed run: {text}"
+        del cells, last
+    return results
+
+
+_RSS_TAIL = "\nimport resource\nprint('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+
+
+def child_peak_mb(code: str, cwd: str) -> float:
+    """Peak resident memory (MB) of a fresh Python process running ``code``."""
+    proc = subprocess.run([sys.executable, "-c", code + _RSS_TAIL], capture_output=True, text=True, cwd=cwd)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("PEAK_RSS_KB")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"memory probe failed: {tail[0]}")
+    return int(lines[-1].split()[1]) / 1024.0
+
+
+def export_memory(config_path: str, root: str, workdir: str) -> Dict[str, float]:
+    """Peak memory of building the training form and running it once, and of a whole ppfuse export."""
+    setup = (f"import sys; sys.path.insert(0, {root!r})\n"
+             f"from ppfuse.ppdet import detection, detectors, export\n"
+             f"config = detection.load_config({config_path!r})\n")
+    train = setup + ("built = detection.build_model(config, deploy=False)\n"
+                     "image, scale = detectors.sample_inputs(config.input_size())\n"
+                     "detectors.DetectorForInference(built.model)(image, scale)\n")
+    full = setup + f"export.export(config, {os.path.join(workdir, 'memory_probe')!r}, log=lambda *a: None)\n"
+    return {"training form (build + one forward)": child_peak_mb(train, root),
+            "ppfuse export": child_peak_mb(full, root)}
+
+
+def machine_description(threads: int) -> str:
+    """The CPU, its ISA flags (bf16, AMX), cores, threads and the versions of every runtime."""
+    versions = [f"Python {platform.python_version()}", f"Paddle {paddle.__version__}"]
+    for module, title in (("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")):
+        if importlib.util.find_spec(module) is not None:
+            versions.append(f"{title} {importlib.import_module(module).__version__.split('-')[0]}")
+    return (f"{runtimes.cpu_description()}, {os.cpu_count()} cores, {threads} threads; " + ", ".join(versions))
+
+
+@dataclass
+class BenchmarkResult:
+    config: DetectionConfig
+    variants: Dict[str, VariantResult]
+    measurements: List[Measurement]
+    flops: float
+    memory: Dict[str, float]
+    threads: int
+    with_nms: bool = False
+    notes: List[str] = field(default_factory=list)  # rows that could not run here, and why
+
+    def cell(self, variant: str, runtime: str, batch: int) -> Optional[Measurement]:
+        return next((m for m in self.measurements
+                     if m.variant == variant and m.runtime == runtime and m.batch == batch), None)
+
+    def to_dict(self) -> dict:
+        """The numbers of the run, for the result file's JSON (times in milliseconds)."""
+        return {"config": self.config.path, "name": self.config.name, "input_size": list(self.config.input_size()),
+                "threads": self.threads, "with_nms": self.with_nms, "conv_flops_per_image": self.flops,
+                "peak_memory_mb": self.memory, "notes": self.notes,
+                "variants": [asdict(v) for v in self.variants.values()],
+                "measurements": [{"variant": m.variant, "runtime": m.runtime, "batch": m.batch,
+                                  "median_ms": m.median * 1e3 if m.times else None,
+                                  "p90_ms": m.p90 * 1e3 if m.times else None,
+                                  "times_ms": [t * 1e3 for t in m.times], "parity": m.parity, "error": m.error}
+                                 for m in self.measurements]}
+
+
+def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs: int = 30, warmup: int = 3,
+                  batches=(1, 2), memory: bool = True, root: str = ".", with_nms: bool = False,
+                  extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print) -> BenchmarkResult:
+    """Export the variants of ``config``'s model and measure them side by side."""
+    paddle.set_device("cpu")
+    size = config.input_size()
+    notes: List[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        log(line)
+    rows = cpu_rows(threads, extra_deleted, note) + gpu_rows()
+    built, variants = export_variants(config, workdir, with_nms, log)
+    inputs_by_batch, references = {}, {}
+    for batch in batches:
+        inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch, with_nms)
+    flops = conv_flops(built.training_model, size)
+    ok = sum(1 for v in variants.values() if not v.error)
+    total = ok * len(rows) * len(batches) * (runs + warmup)  # an upper bound: the train form runs in Paddle only
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=f"{config.name} latency", unit="run", file=sys.stderr)
+        tick = lambda: bar.update(1)  # noqa: E731
+    except ImportError:
+        bar, tick = None, None
+    measurements = measure(variants, rows, inputs_by_batch, references, runs, warmup, size, with_nms, tick)
+    if bar:
+        bar.close()
+    mem = export_memory(os.path.abspath(config.path), root, workdir) if memory else {}
+    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms, notes)
+
+
+def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
+    """The tables of one config's run."""
+    cfg = result.config
+    scope = ("the whole detector, NMS included" if result.with_nms else
+             "image to boxes and scores, before NMS (NMS is the same in every variant)")
+    latency = []
+    for m in result.measurements:
+        if m.error:
+            latency.append([m.variant, m.runtime, m.batch, "-", "-", "-", "-", f"fails: {m.error}"])
+            continue
+        ratios = []
+        for runtime in (m.runtime, BASE_RUNTIME):
+            base = result.cell("ppdet path", runtime, m.batch)
+            ratios.append(f"{m.median / base.median:.3f}x" if base and base.times else "-")
+        latency.append([m.variant, m.runtime, m.batch, f"{m.median * 1e3:.1f}", f"{m.p90 * 1e3:.1f}", *ratios,
+                        m.parity])
+    programs = []
+    for v in result.variants.values():
+        if v.error:
+            programs.append([v.name, f"export failed: {v.error}"])
+            continue
+        programs.append([v.name, *(v.ops.get(op, 0) for op in COUNTED), f"{v.params_bytes / 2**20:.1f}",
+                         f"{v.prepare_seconds:.3f}", f"{v.verify_seconds:.3f}"])
+    lines = [f"### {cfg.name} ({cfg.input_size()[0]}x{cfg.input_size()[1]}, random weights)", "",
+             f"Latency of {scope}.", "",
+             table(["variant", "runtime", "batch", "median ms", "p90 ms", "vs ppdet path, same runtime",
+                    f"vs ppdet path, {BASE_RUNTIME}", "outputs vs dygraph (2nd and last run)"], latency, "llrrrrrl"),
+             "",
+             table(["variant", "conv2d", "batch_norm", "add", "add of two activations", "if", "params MB",
+                    "conversion s", "verification s"], programs, "l" + "r" * 8)]
+    best = result.cell("ppfuse deploy", BASE_RUNTIME, 1)
+    base = result.cell("ppdet path", BASE_RUNTIME, 1)
+    lines.append("")
+    if best and best.times and base and base.times:
+        lines.append(f"- ppfuse deploy vs ppdet path, both with oneDNN and default passes, batch 1: "
+                     f"**{best.median / base.median:.3f}x** latency ({best.median * 1e3:.1f} ms vs "
+                     f"{base.median * 1e3:.1f} ms)")
+        rate = result.flops / best.median
+        lines.append(f"- model {result.flops / 1e9:.2f} GFLOP per image (2 x multiply-adds of every conv, direct "
+                     f"convolution); ppfuse deploy runs at {rate / 1e9:.1f} GFLOP/s = "
+                     f"{rate / (peak * result.threads):.0%} "
+                     f"of a nominal {result.threads}-thread peak of {peak * result.threads / 1e9:.0f} GFLOP/s "
+                     f"({peak_note}; the VM's clock may boost above it, and oneDNN may use Winograd, so this "
+                     "is an estimate of the distance to the limit, not a bound)")
+    for precision in ("fp32", "bf16", "int8"):
+        candidates = [(m.median, m.runtime) for m in result.measurements if m.variant == "ppfuse deploy"
+                      and m.batch == 1 and m.times and m.runtime.endswith(precision)
+                      and not m.parity.startswith(("FAILS", "differ"))]
+        if candidates and base and base.times:
+            median, row = min(candidates)
+            lines.append(f"- best {precision} row for ppfuse deploy, batch 1: {row}, {median * 1e3:.1f} ms = "
+                         f"**{median / base.median:.3f}x** the ppdet path in {BASE_RUNTIME}")
+    slower = [f"{m.runtime} batch {m.batch} ({m.median / p.median:.2f}x)" for m in result.measurements
+              if m.variant == "ppfuse deploy" and m.times
+              for p in [result.cell("ppdet path", m.runtime, m.batch)] if p and p.times and m.median > p.median]
+    lines.append("- ppfuse deploy slower than the ppdet path on the same row: " + (", ".join(slower) or "none"))
+    lines += [f"- {n}" for n in result.notes]
+    if result.memory:
+        values = list(result.memory.values())
+        lines.append("- peak memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in result.memory.items()) +
+                     f" (ratio {values[1] / values[0]:.2f}x)")
+    spreads = [float(np.percentile(m.times, 90) / np.median(m.times)) for m in result.measurements if m.times]
+    if spreads:
+        lines.append(f"- spread: p90/median from {min(spreads):.2f} to {max(spreads):.2f} across cells")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: List[BenchmarkResult], path: str) -> Optional[str]:
+    """A PNG bar chart of batch-1 median latency per variant and runtime; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        rows = list(dict.fromkeys(m.runtime for m in result.measurements))
+        width = 0.8 / len(VARIANTS)
+        for i, variant in enumerate(VARIANTS):
+            values = []
+            for row in rows:
+                cell = result.cell(variant, row, 1)
+                values.append(cell.median * 1e3 if cell and cell.times else 0.0)
+            xs = [j + i * width for j in range(len(rows))]
+            ax.bar(xs, values, width, label=variant)
+        ax.set_xticks([j + width for j in range(len(rows))])
+        ax.set_xticklabels([r.replace("Paddle Inference ", "Paddle\n").replace(", ", "\n") for r in rows], fontsize=7)
+        ax.set_ylabel("median latency, batch 1 (ms)")
+        ax.set_title(f"{result.config.name} {result.config.input_size()[0]}px, {result.threads} threads")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
