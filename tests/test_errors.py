@@ -155,7 +155,7 @@ def trained_checkpoint(tmp_path_factory):
 def test_batch_norm_statistics_nan_or_nonpositive(trained_checkpoint, tmp_path, capsys, out_dir):
     _, state = trained_checkpoint
     key = "neck.fpn_stages.0.0.convs.0.conv2.conv1.bn._variance"
-    for name, value, pattern in (("nan", np.nan, "contains NaN or Inf"), ("neg", -5.0, r"running_var \+ epsilon <= 0")):
+    for name, value, pattern in (("nan", np.nan, "holds NaN or Inf"), ("neg", -5.0, r"running_var \+ epsilon <= 0")):
         broken = dict(state)
         broken[key] = state[key].copy()
         broken[key][3] = value

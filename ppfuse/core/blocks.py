@@ -139,11 +139,13 @@ def repvgg_kernel_bias(block: nn.Layer, conv3x3: nn.Layer, conv1x1: nn.Layer,
     mixin = RepParamMixin
     branches = [mixin._fuse_bn_tensor(block, conv3x3, where=f"{where}.conv1"),
                 mixin._fuse_bn_tensor(block, conv1x1, where=f"{where}.conv2")]
+    layers.check_centred_merge(conv3x3.conv, where, small=[conv1x1.conv], identity=identity_bn is not None)
     size = branches[0][0].shape[2:]
     branches[1] = (mixin._pad_1x1_to_3x3_tensor(block, branches[1][0], size), branches[1][1])
     scales = [None, alpha_scale(alpha, branches[0][0].shape[0], where)]
     if identity_bn is not None:
-        branches.append(mixin._fuse_bn_tensor(block, identity_bn, kernel_size=size, where=f"{where}.identity_bn"))
+        branches.append(mixin._fuse_bn_tensor(block, identity_bn, kernel_size=size, groups=conv3x3.conv._groups,
+                                              where=f"{where}.identity_bn"))
         scales.append(None)
     return layers.checked_kernel(mixin._merge_branches(block, branches, scales), where)
 
@@ -190,8 +192,9 @@ class OneConvBlock(nn.Layer, RepParamMixin):
         raise NotImplementedError
 
     def deploy_with(self, kernel: paddle.Tensor, bias: paddle.Tensor) -> None:
-        """Replace the training form by one 3x3 conv holding ``kernel`` and ``bias``."""
-        self.conv = layers.make_conv(kernel, bias, stride=self.stride, padding=1)
+        """Replace the training form by one conv holding ``kernel`` and ``bias``, with the geometry, dtype and
+        trainability of the 3x3 branch's conv (``conv1.conv``)."""
+        self.conv = layers.conv_like(self.conv1.conv, kernel, bias)
         for name, value in self._TRAINING_PARTS.items():
             if hasattr(self, name):
                 delattr(self, name)
@@ -382,11 +385,17 @@ class QARepVggBlock(OneConvBlock):
         kernel3x3 = branches[0][0]
         size, channels, dtype = kernel3x3.shape[2:], kernel3x3.shape[0], kernel3x3.dtype
         layers.check_conv(self.conv2, f"{where}.conv2")
+        groups = self.conv1.conv._groups
+        if self.avg_pool is not None and groups != 1:
+            raise Unconvertible(f"{where}: an average-pool branch beside a grouped conv (groups {groups}) is no "
+                                "one conv of that grouping; left as it is")
+        layers.check_centred_merge(self.conv1.conv, where, small=[self.conv2], identity=bool(self.identity),
+                                   pool=self.avg_pool)
         kernel1x1, bias1x1 = layers.conv_kernel_bias(self.conv2)
         branches.append((self._pad_1x1_to_3x3_tensor(kernel1x1, size), bias1x1))
         scales = [None, alpha_scale(self.alpha, channels, where)]
         if self.identity:
-            branches.append((kernels.identity_kernel(channels, kernel_size=size, dtype=dtype), None))
+            branches.append((kernels.identity_kernel(channels, groups, kernel_size=size, dtype=dtype), None))
             scales.append(None)
         if self.avg_pool is not None:
             branches.append((kernels.avg_pool_kernel(channels, size, dtype=dtype), None))

@@ -41,6 +41,10 @@ def _check_values(value, path: str, source: str) -> None:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise CheckpointError(f"{source}: {path} is an object array; a checkpoint holds numeric arrays only")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0]
+            raise CheckpointError(f"{source}: {path} holds NaN or Inf (first at index {bad.tolist()}); the training "
+                                  "run that wrote it diverged -- use a checkpoint from before it did")
     elif isinstance(value, Mapping):
         for key, item in value.items():
             _check_values(item, f"{path}.{key}" if path else str(key), source)

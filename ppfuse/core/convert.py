@@ -51,7 +51,7 @@ from ppfuse.core.converters import DEFAULT_REGISTRY, batch_norms, convert_by_met
 from ppfuse.core.registry import Entry, PlaceIndex, Registry, Rewrite, Root, Site, fold_rewrite, join, transplant
 from ppfuse.core.verify import VerificationResult, flatten_outputs, float64_copy, judge
 from ppfuse.core.vouching import unvouched
-from ppfuse.errors import ConversionError, Unconvertible, VerificationError
+from ppfuse.errors import ConversionError, PPFuseError, Unconvertible, VerificationError, first_line
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -78,6 +78,20 @@ def _lookup(registry: Registry, layer: nn.Layer) -> Optional[Entry]:
     return entry
 
 
+def _call_converter(entry: Entry, layer: nn.Layer, site: Site) -> List[Rewrite]:
+    """``entry``'s converter on ``layer``; an error of a converter's own code is one ConversionError that names
+    the layer and the converter (Unconvertible and ppfuse's errors pass unchanged)."""
+    try:
+        return list(entry.converter(layer, site) or [])
+    except PPFuseError:
+        raise
+    except Exception as exc:
+        name = getattr(entry.converter, "__qualname__", repr(entry.converter))
+        raise ConversionError(f"{site.where or '<model>'} ({type(layer).__name__}): its converter {name} raised "
+                              f"{first_line(exc)}; nothing was converted (fix the converter, or unregister it "
+                              "to leave the layer as it is)") from exc
+
+
 def _plan(model: nn.Layer, tr: Optional[dataflow.Trace], registry: Registry,
           hint: str = "pass input_spec to confirm it") -> _Plan:
     root = Root(model)
@@ -102,7 +116,7 @@ def _plan(model: nn.Layer, tr: Optional[dataflow.Trace], registry: Registry,
                                            and any(layers.hooks(s) for s in layer.sublayers())):
                     raise Unconvertible(f"{site.where} ({type(layer).__name__}): it or a part of it has forward "
                                         "hooks, which may change what it computes; left as it is")
-                planned = entry.converter(layer, site) or []
+                planned = _call_converter(entry, layer, site)
             except Unconvertible as exc:
                 leave_all(layer, str(exc))
                 planned, descend = [], True
@@ -186,6 +200,7 @@ class ConversionReport:
     verification: Optional[VerificationResult] = None
     seconds_confirming: float = 0.0
     trace_error: Optional[str] = None
+    traced: bool = False  # a trace was taken (input_spec or example_inputs given, and it succeeded)
 
     @property
     def counts(self) -> Dict[str, int]:
@@ -201,7 +216,7 @@ class ConversionReport:
 
     @property
     def confirmed_by_trace(self) -> bool:
-        return self.trace_error is None and not self.unconfirmed
+        return self.traced and self.trace_error is None and not self.unconfirmed
 
     def summary(self) -> str:
         lines = [f"converted {len(self.converted)} layers in {self.seconds:.3f} s, "
@@ -253,6 +268,12 @@ def _run_float64(model: nn.Layer, inputs: Sequence) -> Dict[str, np.ndarray]:
     return _run(float64_copy(model), cast)
 
 
+def _scale(values: np.ndarray) -> float:
+    """The largest finite magnitude of an output (1 when it has none): what its errors are relative to."""
+    finite = values[np.isfinite(values)]
+    return float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+
+
 def _scaled(outputs: Dict[str, np.ndarray], scales: Dict[str, float]) -> Dict[str, np.ndarray]:
     return {k: v / scales[k] for k, v in outputs.items()}
 
@@ -264,7 +285,7 @@ def _check_outputs(original: nn.Layer, work: nn.Layer, inputs: Sequence, referen
     ``tolerance``, against a float64 evaluation of the original (fp32 rounding of an ill-conditioned model is
     no conversion error). Raises :class:`VerificationError` naming the first differing output and the first
     rewrite after which the outputs differ."""
-    scales = {k: float(np.abs(v).max()) or 1.0 for k, v in reference.items()}
+    scales = {k: _scale(v) for k, v in reference.items()}
     original64: Dict[str, np.ndarray] = {}
 
     def truth():
@@ -280,6 +301,7 @@ def _check_outputs(original: nn.Layer, work: nn.Layer, inputs: Sequence, referen
 
     result = judged(_run(work, inputs))
     if result.ok:
+        result.judged = judged
         return result
     worst = next(o for o in result.outputs if not o.ok)
     culprit = _first_bad_rewrite(work, inputs, rewrites, before, judged)
@@ -364,6 +386,7 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
     """
     start = time.perf_counter()
     layers.check_eval(model, "")
+    input_spec = _spec_list(input_spec)
     if input_spec is None and example_inputs is not None:
         input_spec = dataflow.spec_from_inputs(example_inputs)
     job = _Job(inplace, strict, input_spec, example_inputs, check, tolerance,
@@ -371,6 +394,20 @@ def convert(model: nn.Layer, inplace: bool = False, strict: bool = False,
     report = _convert(model, job)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _spec_list(input_spec) -> Optional[List]:
+    """``input_spec`` as a flat list of ``InputSpec`` (one bare spec is a list of one), else one ConversionError."""
+    if input_spec is None:
+        return None
+    if isinstance(input_spec, (paddle.static.InputSpec, paddle.Tensor)):
+        return [input_spec]
+    items = list(input_spec) if isinstance(input_spec, (list, tuple)) else None
+    if not items or not all(isinstance(s, (paddle.static.InputSpec, paddle.Tensor)) for s in items):
+        got = type(input_spec).__name__ if items is None else ", ".join(type(s).__name__ for s in items) or "nothing"
+        raise ConversionError(f"input_spec: give a flat list of paddle.static.InputSpec, one per input of forward "
+                              f"(got {got})")
+    return items
 
 
 @dataclass
@@ -406,10 +443,12 @@ def _convert(model: nn.Layer, job: _Job) -> ConversionReport:
     if job.input_spec is not None:
         tick = time.perf_counter()
         try:
-            tr = dataflow.trace(wrap(work), list(job.input_spec))
+            # the model itself is traced, not the copy the rewrites are planned on: a callable the model holds
+            # (a closure over it, a bound method of it) reaches the model's own layers even from the copy
+            tr = dataflow.trace(wrap(model), list(job.input_spec)).for_copy(model, work)
         except dataflow.TraceError as exc:
             # what structure vouches for is still folded, as without input_spec; the report says why not more
-            trace_error = _trace_failure(exc, work)
+            trace_error = _trace_failure(exc, model)
         confirming += time.perf_counter() - tick
     plan = _plan(work, tr, job.registry, "the trace failed, see the report's trace_error" if trace_error else
                  "pass input_spec to confirm it")
@@ -425,7 +464,19 @@ def _convert(model: nn.Layer, job: _Job) -> ConversionReport:
         tick = time.perf_counter()
         inputs = (list(job.example_inputs) if job.example_inputs is not None
                   else dataflow.inputs_from_spec(job.input_spec))
-        reference = _run(wrap(work), inputs)
+        try:
+            reference = _run(wrap(work), inputs)
+        except PPFuseError:
+            raise
+        except Exception as exc:
+            given = "example_inputs" if job.example_inputs is not None else "inputs of input_spec's shapes"
+            raise ConversionError(f"{type(model).__name__}: running it on {given} "
+                                  f"({', '.join(str(list(x.shape)) for x in inputs)}) failed: {first_line(exc)}; "
+                                  "check that they are the inputs forward takes") from None
+        if not reference:
+            raise ConversionError(f"{type(model).__name__}: its forward returned no floating-point tensor ppfuse can "
+                                  "find, so the conversion cannot be checked; nothing was converted (return the "
+                                  "tensors, or pass check=False)")
         before = _snapshot([layer for r in plan.rewrites for layer in r.touched])
         confirming += time.perf_counter() - tick
     for rewrite in plan.rewrites:
@@ -438,8 +489,20 @@ def _convert(model: nn.Layer, job: _Job) -> ConversionReport:
         confirming += time.perf_counter() - tick
     result = work
     if job.inplace:
+        state, cls = dict(model.__dict__), type(model)
         transplant(model, work)
         result = model
-    report = ConversionReport(result, plan.rewrites, remaining, verification=verification, trace_error=trace_error)
+        if checking and not verification.judged(_run(wrap(model), inputs)).ok:
+            # the model reaches layers other than through its sublayers (a callable it holds closes over the
+            # layers it had), so the converted model computes something else in place than as a copy
+            model.__dict__.clear()
+            model.__dict__.update(state)
+            model.__class__ = cls
+            raise VerificationError(f"{type(model).__name__}: converted in place, the model computes something else "
+                                    "than its converted copy did (it reaches layers other than through its "
+                                    "sublayers, e.g. a closure or bound method it holds); nothing was converted -- "
+                                    "convert with inplace=False and use report.model")
+    report = ConversionReport(result, plan.rewrites, remaining, verification=verification, trace_error=trace_error,
+                              traced=tr is not None)
     report.seconds_confirming = confirming
     return report

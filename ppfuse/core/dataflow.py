@@ -31,7 +31,7 @@ import contextlib
 import inspect
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -166,12 +166,44 @@ def _fast_dy2static():
 
 @dataclass
 class Trace:
-    """A traced program, with every (op, operand index) that uses each parameter."""
+    """A traced program, with every (op, operand index) that uses each parameter, and the program's outputs.
+
+    The program may be that of another model object with the same structure (the user's model, when the
+    rewrites are planned on a copy of it): ``names`` maps the planned-on model's parameter names to the
+    traced model's (:meth:`for_copy`).
+    """
     program: object
     uses: Dict[str, List[Tuple[object, int]]]
+    outputs: List[object] = field(default_factory=list)
+    names: Dict[str, str] = field(default_factory=dict)
 
     def ops_using(self, param) -> List[Tuple[object, int]]:
-        return self.uses.get(param.name, []) if param is not None else []
+        if param is None:
+            return []
+        return self.uses.get(self.names.get(param.name, param.name), [])
+
+    def parameter_name(self, value) -> Optional[str]:
+        """The planned-on model's name of the parameter ``value`` comes from, else None."""
+        name = _parameter_name(value)
+        back = {traced: own for own, traced in self.names.items()}
+        return back.get(name, name)
+
+    def is_output(self, value) -> bool:
+        """Whether ``value`` is returned by the program (a use no op shows)."""
+        return any(out is not None and out.is_same(value) for out in self.outputs)
+
+    def for_copy(self, traced: nn.Layer, copy: nn.Layer) -> "Trace":
+        """This trace of ``traced`` read for ``copy``, a deep copy of it: parameters matched by structure."""
+        names = {}
+        pairs = list(zip(layers.named_paths(traced), layers.named_paths(copy)))
+        if len(pairs) != len(layers.named_paths(traced)) or any(a[0] != b[0] for a, b in pairs):
+            raise ConversionError("the model's copy does not have the model's structure; cannot read its trace")
+        for (_, original), (_, copied) in pairs:
+            for key, param in original._parameters.items():
+                twin = copied._parameters.get(key)
+                if param is not None and twin is not None:
+                    names[twin.name] = param.name
+        return Trace(self.program, self.uses, self.outputs, names)
 
 
 class TraceError(ConversionError):
@@ -244,7 +276,8 @@ def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Tra
     static = paddle.jit.to_static(wrapper, full_graph=True)
     try:
         with _fast_dy2static(), _attributes_kept(model):
-            program = static.forward.get_concrete_program(*input_spec)[0].main_program
+            concrete = static.forward.get_concrete_program(*input_spec)[0]
+            program = concrete.main_program
     except Exception as exc:
         raise TraceError(model, exc) from None
     uses: Dict[str, List[Tuple[object, int]]] = defaultdict(list)
@@ -255,7 +288,28 @@ def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Tra
             name = _parameter_name(op.operand_source(i))
             if name is not None:
                 uses[name].append((op, i))
-    return Trace(program, dict(uses))
+    return Trace(program, dict(uses), [v for v in _flat(concrete.outputs) if v is not None])
+
+
+def _flat(values, seen=None) -> list:
+    """The program values in a traced forward's output, in whatever container it returned them."""
+    seen = set() if seen is None else seen
+    if values is None or id(values) in seen:
+        return []
+    if hasattr(values, "is_same") and hasattr(values, "get_defining_op"):
+        return [values]
+    seen.add(id(values))
+    if isinstance(values, dict):
+        items = list(values.values())
+    elif isinstance(values, (list, tuple, set, frozenset)):
+        items = list(values)
+    elif hasattr(values, "__dict__") or hasattr(type(values), "__slots__"):
+        items = list(vars(values).values()) if hasattr(values, "__dict__") else []
+        items += [getattr(values, slot) for klass in type(values).__mro__
+                  for slot in getattr(klass, "__slots__", ()) if isinstance(slot, str) and hasattr(values, slot)]
+    else:
+        return []
+    return [v for item in items for v in _flat(item, seen)]
 
 
 def inputs_from_spec(input_spec: Sequence[paddle.static.InputSpec], seed: int = 0) -> List[paddle.Tensor]:
@@ -316,16 +370,19 @@ def confirm_pair(tr: Trace, conv: nn.Layer, bn: nn.Layer) -> Optional[str]:
     reached = set()
     one_d = isinstance(conv, (nn.Conv1D, nn.Conv1DTranspose))
     for conv_op, _ in conv_uses:
-        value, steps = conv_op.result(0), 0
+        value, steps, bias_added = conv_op.result(0), 0, False
         while True:
+            if tr.is_output(value):
+                return "the conv's output is also an output of the model (folding would change it)"
             consumer = _single_use(value)
             if consumer is None:
                 return "the conv's output is also used elsewhere in forward (folding would change that use)"
             name = _op_name(consumer)
             if name in BN_OPS:
                 break
-            if name == "add" and consumer.id() in bias_ops and steps < 2:
+            if name == "add" and consumer.id() in bias_ops and steps < 2 and not bias_added:
                 bias_ops.discard(consumer.id())
+                bias_added = True
             elif name == "squeeze" and one_d and steps < 2:
                 pass
             else:
@@ -390,10 +447,10 @@ def find_pairs(tr: Trace, model: nn.Layer, skip: set) -> Tuple[List[Pair], Dict[
     for op in _all_ops(tr.program.global_block()):
         if _op_name(op) not in BN_OPS:
             continue
-        bn = owners.get(_parameter_name(op.operand_source(1)))
+        bn = owners.get(tr.parameter_name(op.operand_source(1)))
         if bn is None or id(bn) in skip or not layers.is_batch_norm(bn):
             continue
-        conv, reason = _producer_conv(op.operand_source(0), owners)
+        conv, reason = _producer_conv(tr, op.operand_source(0), owners)
         if conv is not None:
             reason = confirm_pair(tr, conv, bn)
         if reason is None:
@@ -406,7 +463,7 @@ def find_pairs(tr: Trace, model: nn.Layer, skip: set) -> Tuple[List[Pair], Dict[
     return pairs, left
 
 
-def _producer_conv(value, owners) -> Tuple[Optional[nn.Layer], Optional[str]]:
+def _producer_conv(tr: Trace, value, owners) -> Tuple[Optional[nn.Layer], Optional[str]]:
     """The conv layer whose output (after its bias add / squeeze) ``value`` is, else (None, reason)."""
     for _ in range(3):
         op = value.get_defining_op()
@@ -414,7 +471,7 @@ def _producer_conv(value, owners) -> Tuple[Optional[nn.Layer], Optional[str]]:
         if name == "data":
             return None, "its input is a model input, not a conv"
         if name in CONV_OPS:
-            conv = owners.get(_parameter_name(op.operand_source(_filter_operand(name))))
+            conv = owners.get(tr.parameter_name(op.operand_source(_filter_operand(name))))
             if conv is None or not layers.is_conv(conv):
                 return None, "the conv before it has no weight parameter of the model (a computed weight)"
             return conv, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -125,7 +125,7 @@ def check_running_statistics(bn: nn.Layer, where: str) -> None:
     channels = bn._mean.shape[0]
     dtype = bn._mean.dtype
     mean, var = bn._mean.numpy().astype(np.float64), bn._variance.numpy().astype(np.float64)
-    std = np.sqrt(np.maximum(var, 0) + float(bn._epsilon))
+    std = np.sqrt(var + float(bn._epsilon))  # var + eps > 0 was checked; var itself may be slightly negative
     shape = _bn_probe_shape(bn, channels)
     axis = len(shape) - 1 if channel_last(bn) and len(shape) > 2 else 1
     view = [1] * len(shape)
@@ -211,6 +211,10 @@ def check_conv(conv: nn.Layer, where: str) -> None:
     if conv._parameters.get("weight") is None or (conv.bias is not None and conv._parameters.get("bias") is None):
         raise Unconvertible(f"{_where(where, conv)}: its weight or bias is not a parameter of the layer; "
                             "left unfolded")
+    for label, value in (("weight", conv.weight), ("bias", conv.bias)):
+        if value is not None and not bool(paddle.isfinite(value).all()):
+            raise ConversionError(f"{_where(where, conv)}: its {label} contains NaN or Inf; the checkpoint is "
+                                  "broken (retrain or restore it) -- folding it would spread NaN")
 
 
 def checked_kernel(kernel_bias: kernels.KernelBias, where: str) -> kernels.KernelBias:
@@ -279,14 +283,100 @@ def channel_scale(alpha: paddle.Tensor, channels: int, where: str) -> paddle.Ten
 def _set_param(layer: nn.Layer, name: str, value: paddle.Tensor) -> None:
     current = getattr(layer, name, None)
     if current is None:
-        param = layer.create_parameter(shape=list(value.shape), dtype=value.dtype, is_bias=(name == "bias"))
+        weight = getattr(layer, "weight", None)
+        param = layer.create_parameter(shape=list(value.shape), dtype=weight.dtype if weight is not None
+                                       else value.dtype, is_bias=(name == "bias"))
+        if weight is not None:  # a frozen conv's new bias is frozen too
+            param.stop_gradient = weight.stop_gradient
         setattr(layer, name, param)
         current = param
     current.set_value(paddle.cast(value, current.dtype))
 
 
+def _per_dim(value, ndim: int) -> Optional[List[int]]:
+    if isinstance(value, int):
+        return [value] * ndim
+    value = list(value)
+    return [int(v) for v in value] if len(value) == ndim and all(isinstance(v, int) for v in value) else None
+
+
+def _shifts(conv: nn.Layer) -> Optional[List[int]]:
+    """Per spatial dim, how far the conv's padding moves its kernel's centre off the output position:
+    ``padding - dilation * (k - 1) / 2`` (0 for "same" padding); None for an even kernel or uneven padding."""
+    kernel = list(conv._kernel_size)
+    ndim = len(kernel)
+    dilation = _per_dim(conv._dilation, ndim)
+    padding = conv._padding
+    if isinstance(padding, str):
+        padding = 0 if padding.upper() == "VALID" else None
+    elif not isinstance(padding, int):
+        flat = list(padding)
+        if len(flat) == 2 * ndim and all(isinstance(v, int) for v in flat) and flat[0::2] == flat[1::2]:
+            padding = flat[0::2]
+    padding = _per_dim(padding, ndim) if padding is not None else None
+    if padding is None or dilation is None or any(k % 2 == 0 for k in kernel):
+        return None
+    return [p - d * (k - 1) // 2 for p, d, k in zip(padding, dilation, kernel)]
+
+
+def check_centred_merge(main: nn.Layer, where: str, small: Sequence[nn.Layer] = (), identity: bool = False,
+                        pool: Optional[nn.Layer] = None) -> None:
+    """Raise :class:`Unconvertible` unless ``main(x) + small_i(x) [+ x] [+ pool(x)]`` is one conv with
+    ``main``'s geometry: each small kernel padded to ``main``'s size at its centre, the identity a centred
+    identity kernel, the pool an averaging kernel.
+
+    Exact when every branch reads its input at the same positions: the same stride, groups and data format,
+    the centre of each kernel at the same input position (``padding - dilation * (k - 1) / 2`` equal; 0 for
+    the identity and the pool), a small kernel with more than one tap dilated as ``main``, zero padding
+    wherever a kernel reaches into it. Any other geometry (a 5x5 beside a 3x3 of another padding, a dilated
+    small kernel, reflect padding, a stride-2 branch beside a stride-1 one) computes something else."""
+    ndim = len(main._kernel_size)
+    main_shift = _shifts(main)
+    if main_shift is None:
+        raise Unconvertible(f"{where}: {type(main).__name__} kernel {list(main._kernel_size)} with padding "
+                            f"{main._padding} is not centred (an even kernel or uneven padding); left as it is")
+    pads = _per_dim(main._padding, ndim) if not isinstance(main._padding, str) else None
+    if getattr(main, "_padding_mode", "zeros") != "zeros" and (pads is None or any(pads)):
+        raise Unconvertible(f"{where}: padding_mode '{main._padding_mode}': the branches' sum is one conv only "
+                            "with zero padding; left as it is")
+    for branch in small:
+        geometry = [(name, getattr(main, attr), getattr(branch, attr)) for name, attr in
+                    (("stride", "_stride"), ("groups", "_groups"), ("data format", "_data_format"))]
+        for name, own, other in geometry:
+            if _per_dim(own, ndim) != _per_dim(other, ndim) if name == "stride" else own != other:
+                raise Unconvertible(f"{where}: a branch's {name} {other} differs from the {list(main._kernel_size)} "
+                                    f"branch's {own}, so the branches do not sum to one conv; left as it is")
+        kernel = list(branch._kernel_size)
+        if any(k > m for k, m in zip(kernel, main._kernel_size)):
+            raise Unconvertible(f"{where}: a {kernel} branch is larger than the {list(main._kernel_size)} one; "
+                                "left as it is")
+        if _shifts(branch) != main_shift:
+            raise Unconvertible(f"{where}: a {kernel} branch with padding {branch._padding} is centred elsewhere "
+                                f"than the {list(main._kernel_size)} branch with padding {main._padding}, so its "
+                                "padded kernel would read other pixels; left as it is")
+        if any(k > 1 for k in kernel) and _per_dim(branch._dilation, ndim) != _per_dim(main._dilation, ndim):
+            raise Unconvertible(f"{where}: a {kernel} branch with dilation {branch._dilation} beside dilation "
+                                f"{main._dilation}: its padded kernel would read other pixels; left as it is")
+        small_pads = _per_dim(branch._padding, ndim) if not isinstance(branch._padding, str) else None
+        if getattr(branch, "_padding_mode", "zeros") != "zeros" and (small_pads is None or any(small_pads)):
+            raise Unconvertible(f"{where}: a branch pads with '{branch._padding_mode}'; left as it is")
+    if (identity or pool is not None) and (any(main_shift) or _per_dim(main._stride, ndim) != [1] * ndim):
+        raise Unconvertible(f"{where}: an identity or pooling branch beside a conv of stride {main._stride} and "
+                            f"padding {main._padding}, which does not read each output's own pixel at its centre; "
+                            "left as it is")
+    if pool is not None:
+        size = _per_dim(getattr(pool, "ksize", getattr(pool, "kernel_size", None)), ndim)
+        if (size != list(main._kernel_size) or _per_dim(main._dilation, ndim) != [1] * ndim
+                or _per_dim(getattr(pool, "stride", 1) or size, ndim) != [1] * ndim
+                or _per_dim(getattr(pool, "padding", 0), ndim) != [(k - 1) // 2 for k in size]
+                or getattr(pool, "exclusive", True) or getattr(pool, "ceil_mode", False)):
+            raise Unconvertible(f"{where}: the average-pool branch is not a {list(main._kernel_size)} mean of "
+                                "stride 1 centred like the conv (padding counted); left as it is")
+
+
 def conv_like(conv: nn.Layer, kernel: paddle.Tensor, bias: paddle.Tensor) -> nn.Layer:
-    """A new conv with ``conv``'s geometry (stride, padding, dilation, groups, format) and the given weights."""
+    """A new conv with ``conv``'s geometry (stride, padding, dilation, groups, padding mode, format), dtype
+    and trainability, and the given weights."""
     new = copy.deepcopy(conv)
     if list(kernel.shape) != list(new.weight.shape):
         raise ConversionError(f"folded kernel {list(kernel.shape)} does not fit {type(conv).__name__} "
@@ -307,6 +397,8 @@ def make_conv(kernel: paddle.Tensor, bias: paddle.Tensor, stride=1, padding=0, d
     zeros = paddle.ParamAttr(initializer=paddle.nn.initializer.Constant(0.0))
     conv = cls(in_per_group * groups, out_channels, list(kernel.shape[2:]), stride=stride,
                padding=padding, dilation=dilation, groups=groups, weight_attr=zeros, bias_attr=zeros, **kwargs)
+    if kernel.dtype != conv.weight.dtype:  # a float64 (or float16) model's conv keeps its dtype
+        conv.to(dtype=kernel.dtype)
     _set_param(conv, "weight", kernel)
     _set_param(conv, "bias", bias)
     conv.eval()  # it replaces layers of a model in eval mode

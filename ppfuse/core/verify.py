@@ -6,7 +6,10 @@ outputs differ from the training form beyond tolerance.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -23,6 +26,7 @@ class OutputError:
     max_abs: float
     max_rel: float       # max |a - b| / max |b|: error relative to the output's scale
     worst_ratio: float   # max |a - b| / (atol + rtol |b|): > 1 fails np.allclose-style
+    nonfinite: bool = False  # NaN/Inf in other places (or of another sign) than the reference's
 
     @property
     def ok(self) -> bool:
@@ -40,7 +44,9 @@ class RoundingCheck:
 
     @property
     def ok(self) -> bool:
-        return all(self.candidate_error[k] <= self.factor * self.original_error[k] + 1e-7
+        # an original whose own fp32 error is unbounded (NaN/Inf where float64 has numbers) decides nothing
+        return all(math.isfinite(self.original_error[k])
+                   and self.candidate_error[k] <= self.factor * self.original_error[k] + 1e-7
                    for k in self.original_error)
 
     def summary(self) -> str:
@@ -52,9 +58,24 @@ def rounding_check(original32: Dict[str, np.ndarray], candidate: Dict[str, np.nd
                    original64: Dict[str, np.ndarray], factor: float = 2.0) -> RoundingCheck:
     """The one criterion for "as close to the exact function as fp32 allows" (see :class:`RoundingCheck`)."""
     def error(values):
-        return {k: float(np.abs(values[k].astype(np.float64) - original64[k]).max())
-                if np.isfinite(values[k]).all() else float("inf") for k in original64}
+        return {k: finite_error(original64[k], values[k].astype(np.float64)) for k in original64}
     return RoundingCheck(error(original32), error(candidate), factor)
+
+
+def same_nonfinite(reference: np.ndarray, candidate: np.ndarray) -> bool:
+    """Whether NaN and +-Inf stand in the same places, with the same sign, in both arrays."""
+    bad = ~np.isfinite(reference)
+    return bool(np.array_equal(bad, ~np.isfinite(candidate))
+                and np.array_equal(reference[bad], candidate[bad], equal_nan=True))
+
+
+def finite_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |candidate - reference| over the reference's finite values; Inf when the NaN/Inf differ in place
+    or sign (non-finite values are values: they must be the same, not ignored)."""
+    if reference.shape != candidate.shape or not same_nonfinite(reference, candidate):
+        return float("inf")
+    finite = np.isfinite(reference)
+    return float(np.abs(candidate[finite] - reference[finite]).max()) if finite.any() else 0.0
 
 
 @dataclass
@@ -64,6 +85,9 @@ class VerificationResult:
     rtol: float
     # set when the outputs exceed atol/rtol and the original was also run in float64
     rounding: Optional[RoundingCheck] = None
+    # the criterion that passed this result, to judge further candidates the same way (set by convert)
+    judged: Optional[Callable[[Dict[str, np.ndarray]], "VerificationResult"]] = field(default=None, repr=False,
+                                                                                      compare=False)
 
     @property
     def within_tolerance(self) -> bool:
@@ -92,7 +116,9 @@ class VerificationResult:
             if self.rounding.ok:
                 return "  (above atol/rtol; passed by the float64 criterion)"
             return "  <-- above atol/rtol and failed the float64 criterion"
-        rows = [f"  {o.name} {list(o.shape)}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}{mark(o)}"
+        rows = [f"  {o.name} {list(o.shape)}: " + ("NaN/Inf in other places than the original's"
+                                                   if o.nonfinite else
+                                                   f"max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}") + mark(o)
                 for o in self.outputs]
         return self.brief() + "\n" + "\n".join(rows)
 
@@ -133,21 +159,41 @@ def float64_copy(model):
     return model64
 
 
-def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:
-    """Tensors of a nested output (tensor, list, tuple, dict) as ``{path: array}``."""
+_SCALARS = (str, bytes, bool, int, float, complex, np.generic, type(None))
+
+
+def flatten_outputs(out: Any, prefix: str = "out", _seen: Optional[set] = None) -> Dict[str, np.ndarray]:
+    """Every tensor of a nested output as ``{path: array}``, in any container: a tensor or array, a mapping,
+    a list or tuple (a namedtuple too), a dataclass, or any other object by its attributes (``vars`` and
+    ``__slots__``) -- an output nothing is read from would make a comparison compare nothing."""
     if isinstance(out, paddle.Tensor):
         return {prefix: out.numpy()}
     if isinstance(out, np.ndarray):
         return {prefix: out}
-    if isinstance(out, dict):
-        items = out.items()
-    elif isinstance(out, (list, tuple)):
-        items = enumerate(out)
-    else:  # None and non-tensor values carry no numbers to compare
+    if isinstance(out, _SCALARS) or callable(out) and not hasattr(out, "__dict__"):
         return {}
+    seen = set() if _seen is None else _seen
+    if id(out) in seen:
+        return {}
+    seen.add(id(out))
+    if isinstance(out, Mapping):
+        items = list(out.items())
+    elif isinstance(out, (list, tuple)):
+        items = list(enumerate(out))
+    elif isinstance(out, (set, frozenset)):
+        items = list(enumerate(sorted(out, key=repr)))
+    elif dataclasses.is_dataclass(out):
+        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    else:
+        attributes = dict(vars(out)) if hasattr(out, "__dict__") else {}
+        for klass in type(out).__mro__:
+            for slot in getattr(klass, "__slots__", ()):
+                if isinstance(slot, str) and hasattr(out, slot):
+                    attributes.setdefault(slot, getattr(out, slot))
+        items = sorted(attributes.items())
     flat = {}
     for key, value in items:
-        flat.update(flatten_outputs(value, f"{prefix}.{key}"))
+        flat.update(flatten_outputs(value, f"{prefix}.{key}", seen))
     return flat
 
 
@@ -163,13 +209,15 @@ def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
             raise VerificationError(f"output {name}: shape {list(got.shape)} differs from the reference's "
                                     f"{list(ref.shape)}")
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        diff = np.abs(ref64 - got64)
-        if diff.size == 0:
+        if not same_nonfinite(ref64, got64):
+            rows.append(OutputError(name, ref.shape, float("inf"), float("inf"), float("inf"), nonfinite=True))
+            continue
+        finite = np.isfinite(ref64)
+        ref64, got64 = ref64[finite], got64[finite]
+        if ref64.size == 0:
             rows.append(OutputError(name, ref.shape, 0.0, 0.0, 0.0))
             continue
-        if not np.isfinite(got64).all() and np.isfinite(ref64).all():
-            rows.append(OutputError(name, ref.shape, float("inf"), float("inf"), float("inf")))
-            continue
+        diff = np.abs(ref64 - got64)
         scale = float(np.abs(ref64).max()) or 1.0
         rows.append(OutputError(name, ref.shape, float(diff.max()), float(diff.max()) / scale,
                                 float((diff / (atol + rtol * np.abs(ref64))).max())))

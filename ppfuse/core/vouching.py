@@ -8,6 +8,7 @@ or when a layer it folds sits at two places in the model. Results are cached per
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import textwrap
@@ -15,10 +16,14 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle.nn as nn
 
+from ppfuse.core import layers
 from ppfuse.core.registry import PlaceIndex, Rewrite
 
 _CONTAINERS = (nn.Sequential, nn.LayerList, nn.LayerDict)
-_GENERIC_ACCESS = {"_sub_layers", "sublayers", "children", "named_children", "named_sublayers", "__dict__"}
+# ways to reach a layer or its parameters without naming it
+_GENERIC_ACCESS = {"_sub_layers", "sublayers", "children", "named_children", "named_sublayers", "__dict__",
+                   "parameters", "named_parameters", "_parameters", "buffers", "named_buffers", "_buffers",
+                   "state_dict", "to_static_state_dict", "apply"}
 _SOURCES: Dict[type, Optional[List[Tuple[str, str]]]] = {}
 
 
@@ -82,12 +87,14 @@ def _reaches_into_uncached(ancestor: nn.Layer, name: str, child: nn.Layer, holde
     if sources is None:
         return f"the source of {type(ancestor).__name__} cannot be read to see how it uses '{name}'"
     for self_name, source in sources:
-        for generic in _GENERIC_ACCESS:
-            if re.search(rf"\b{self_name}\.{generic}\b", source):
-                return f"{type(ancestor).__name__} walks its sublayers generically ({self_name}.{generic})"
-        if not name.isidentifier() and re.search(rf"\bgetattr\(\s*{self_name}\s*,", source):
-            # 'up.0' can be reached only by getattr, the generic walkers above, or an alias (below)
-            return f"{type(ancestor).__name__} looks up its attributes by name (getattr), and may so reach '{name}'"
+        for generic in _GENERIC_ACCESS:  # on self or anything else (super(), nn.Layer.parameters(self), ...)
+            if re.search(rf"\.\s*{re.escape(generic)}\b", source):
+                return f"{type(ancestor).__name__} walks its sublayers or parameters generically (.{generic})"
+        if re.search(r"\bvars\(", source):
+            return f"{type(ancestor).__name__} reads attributes generically (vars)"
+        reason = _getattr_use(source, name, type(ancestor).__name__)
+        if reason is not None:
+            return reason
         uses = [re.escape(name)] if name.isidentifier() else []
         uses += [rf"{re.escape(alias)}\s*\[[^\]]*\]" for alias in aliases]  # self.upsample_list[i]
         for use in uses:
@@ -101,6 +108,22 @@ def _reaches_into_uncached(ancestor: nn.Layer, name: str, child: nn.Layer, holde
             if bare and holder:  # as for a container: items of composite layers are called, their code read
                 return (f"{type(ancestor).__name__} uses its list '{alias}', which holds '{name}', other than "
                         "by calling one item of it")
+    return None
+
+
+_GETATTR_LITERAL = re.compile(r"""\bgetattr\(\s*\w+\s*,\s*(['"])([^'"\\]*)\1\s*\)""")
+
+
+def _getattr_use(source: str, name: str, owner: str) -> Optional[str]:
+    """Why a ``getattr`` in ``source`` may reach ``name`` other than by calling it, else None: a name that is
+    not a string literal (or a default value) may be any attribute; a literal one is that attribute, used
+    like ``self.<name>``."""
+    for match in re.finditer(r"\bgetattr\(", source):
+        literal = _GETATTR_LITERAL.match(source, match.start())
+        if literal is None:
+            return f"{owner} looks up its attributes by name (getattr), and may so reach '{name}'"
+        if literal.group(2) == name and not re.match(r"\s*\(", source[literal.end():]):
+            return f"{owner} uses '{name}' (by getattr) other than by calling it"
     return None
 
 
@@ -146,7 +169,49 @@ def unvouched(chain: Tuple, rewrite: Rewrite, index: PlaceIndex) -> Optional[str
                 return (f"{type(layer).__name__} at {rewrite.where} is also held elsewhere in the model "
                         f"({len(index.of(layer))} places), so it may be applied to something else too")
     for i, (ancestor, name, child) in enumerate(chain):
+        if layers.hooks(ancestor):  # a hook can read anything inside the layer it is on
+            return f"{type(ancestor).__name__} above it has forward hooks, which may use its layers"
+        holder = _callable_reaching_layers(ancestor)
+        if holder is not None:
+            return (f"{type(ancestor).__name__} holds a callable '{holder}' that refers to layers (a closure, bound "
+                    "method or partial), which forward may call to use them other than through the model")
         reason = _reaches_into(ancestor, name, child, holder=(i == len(chain) - 1))
         if reason is not None:
             return reason
     return None
+
+
+def _callable_reaching_layers(layer: nn.Layer) -> Optional[str]:
+    """The name of an attribute of ``layer`` that is a callable referring to a layer (a bound method of one,
+    a closure or default argument holding one, a partial with one), else None. Plain functions (an
+    activation stored as ``self.act``) refer to none."""
+    for attr, value in vars(layer).items():
+        if attr in _LAYER_INTERNALS or isinstance(value, nn.Layer) or not callable(value):
+            continue
+        if _refers_to_layers(value):
+            return attr
+    return None
+
+
+def _refers_to_layers(fn, depth: int = 0) -> bool:
+    if depth > 3:
+        return True  # deeper than anything plain: assume it may
+    if inspect.ismethod(fn):
+        return isinstance(fn.__self__, nn.Layer) or _refers_to_layers(fn.__func__, depth + 1)
+    if isinstance(fn, functools.partial):
+        held = list(fn.args) + list(fn.keywords.values())
+        return any(isinstance(v, nn.Layer) for v in held) or _refers_to_layers(fn.func, depth + 1)
+    if inspect.isfunction(fn):
+        held = [cell.cell_contents for cell in fn.__closure__ or () if _filled(cell)]
+        held += list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+        return any(isinstance(v, nn.Layer) or (callable(v) and not isinstance(v, type) and
+                                                _refers_to_layers(v, depth + 1)) for v in held)
+    return False
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:  # an empty cell
+        return False

@@ -47,8 +47,7 @@ def convert_ppdet_repvgg(block: PPDetRepVggBlock, site: Site) -> Optional[List[R
     require_forward(block, PPDetRepVggBlock, site.where)
     kernel, bias = repvgg_kernel_bias(block, block.conv1, block.conv2, None, _ppdet_alpha(block, site.where),
                                       site.where)
-    template = block.conv1.conv
-    new_conv = layers.make_conv(kernel, bias, stride=template._stride, padding=1)
+    new_conv = layers.conv_like(block.conv1.conv, kernel, bias)
     folded = [block.conv1.bn, block.conv2.bn]
     pairs = [(block.conv1.conv, block.conv1.bn), (block.conv2.conv, block.conv2.bn)]
 
@@ -75,8 +74,14 @@ def convert_mobileone(block: MobileOneBlock, site: Site) -> Optional[List[Rewrit
     if block.rbr_identity_st1 is not None:
         depthwise.append(mixin._fuse_bn_tensor(block, block.rbr_identity_st1, kernel_size=k,
                                                groups=block.ch_in, where=f"{where}.rbr_identity_st1"))
+    layers.check_centred_merge(block.depth_conv[0].conv, f"{where}.depth_conv",
+                               small=[b.conv for b in list(block.depth_conv)[1:]] + [block.rbr_1x1.conv],
+                               identity=block.rbr_identity_st1 is not None)
     pointwise = [mixin._fuse_bn_tensor(block, b, where=f"{where}.point_conv.{i}") for i, b in
                  enumerate(block.point_conv)]
+    layers.check_centred_merge(block.point_conv[0].conv, f"{where}.point_conv",
+                               small=[b.conv for b in list(block.point_conv)[1:]],
+                               identity=block.rbr_identity_st2 is not None)
     if block.rbr_identity_st2 is not None:
         pointwise.append(mixin._fuse_bn_tensor(block, block.rbr_identity_st2, kernel_size=1,
                                                where=f"{where}.rbr_identity_st2"))

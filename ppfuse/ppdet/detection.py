@@ -326,7 +326,7 @@ def checkpoint_form(config: DetectionConfig, state: Dict[str, np.ndarray], sourc
     train_mismatch = checkpoint.key_mismatch(training_model, state)
     if not any(train_mismatch.values()):
         return "train", None
-    deploy_model = convert(training_model).model
+    deploy_model = convert_detector(config, training_model, check=False).model
     deploy_mismatch = checkpoint.key_mismatch(deploy_model, state)
     if not any(deploy_mismatch.values()):
         return "deploy", deploy_model
@@ -391,14 +391,20 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
         checkpoint.load_strict(training_model, state, path)
     if not deploy:
         return BuiltModel(training_model, training_model, form)
+    report = convert_detector(config, training_model, check=check, strict=strict, seed=seed)
+    return BuiltModel(report.model, training_model, form, report)
+
+
+def convert_detector(config: DetectionConfig, training_model: nn.Layer, check: bool = True, strict: bool = False,
+                     seed: int = 0) -> ConversionReport:
+    """The deploy form of a detector (a converted copy): every fold confirmed against the trace of its raw
+    outputs at the config's input size, and (``check``) those outputs compared. The one way a detector is
+    converted, so a deploy checkpoint's keys are those of what the export writes."""
     size = config.input_size()
     with detectors.traceable(training_model):
-        report = convert(training_model, strict=strict,
-                         input_spec=detectors.input_spec(training_model, size),
-                         example_inputs=detectors.sample_inputs(size, 1, seed, detectors.input_names(training_model)),
-                         check=check,
-                         forward_with=lambda model: detectors.wrapper_for(model, with_nms=False))
-    return BuiltModel(report.model, training_model, form, report)
+        return convert(training_model, strict=strict, input_spec=detectors.input_spec(training_model, size),
+                       example_inputs=detectors.sample_inputs(size, 1, seed, detectors.input_names(training_model)),
+                       check=check, forward_with=lambda model: detectors.wrapper_for(model, with_nms=False))
 
 
 def detector_input_spec(size: List[int]) -> List[paddle.static.InputSpec]:

@@ -12,6 +12,8 @@ with every ``use_global_stats`` / ``trainable_statistics``), activations,
 residual adds and concats. Channels ``C`` and spatial size are equal (so a
 BatchNorm of the wrong data format fits the shapes, as in the bug report).
 """
+import collections
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -288,8 +290,168 @@ class ConvertsItself(nn.Layer):
         self.bn = nn.Identity()
 
 
+# --- kinds of the second review: what the model itself computes, in every output, non-finite values too ---
+class ClosureTap(nn.Layer):
+    """A lambda made in __init__ closes over the model and taps the conv output (a copy still reaches it)."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, _act(act)
+        self.tap = lambda x: self.conv(x)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x))) + 0.5 * self.tap(x)
+
+
+class BoundMethodTap(nn.Layer):
+    """A bound method of the conv, kept as an attribute, taps its output."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, _act(act)
+        self.raw = self.conv.forward
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x))) - 0.3 * self.raw(x)
+
+
+class BiasAgain(nn.Layer):
+    """The conv's bias added a second time before the BatchNorm (or its weight used as a number)."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, _act(act)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape([1, -1, 1, 1])
+        else:
+            y = y + self.conv.weight.mean()
+        return self.act(self.bn(y))
+
+
+class GetattrTap(nn.Layer):
+    """Reaches the conv by getattr and applies it again outside the pair."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, _act(act)
+
+    def forward(self, x):
+        conv = getattr(self, "conv")
+        return self.act(self.bn(self.conv(x))) + 0.2 * conv(x)
+
+
+class ParametersTap(nn.Layer):
+    """Reads the conv weight through self.parameters() in forward."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, _act(act)
+
+    def forward(self, x):
+        weight = next(iter(self.parameters()))
+        return self.act(self.bn(self.conv(x))) + 0.1 * weight.mean()
+
+
+class HookedParent(nn.Layer):
+    """An unregistered parent whose forward post-hook reads the registered pair's conv weight."""
+
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.inner = ConvBN(conv._in_channels, conv._out_channels, 3, padding=1, act=act)
+        self.register_forward_post_hook(lambda layer, inputs, out: out + layer.inner.conv.weight.mean())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class NonFiniteTail(nn.Layer):
+    """Adds a constant holding +Inf, -Inf and NaN on one channel each (the rest finite): the outputs hold
+    non-finite values in fixed places, which a conversion must keep in the same places."""
+
+    def __init__(self, c, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        mask = np.zeros([1, c, 1, 1], "float32")
+        mask[0, :3, 0, 0] = [np.inf, -np.inf, np.nan][: min(3, c)]
+        self.register_buffer("mask", paddle.to_tensor(mask))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.mask.astype(x.dtype)
+
+
+Outputs = collections.namedtuple("Outputs", ["y", "extra"])
+
+
+@dataclasses.dataclass
+class DataOutputs:
+    y: paddle.Tensor
+    extra: object
+
+
+class ObjectOutputs:
+    def __init__(self, y, extra):
+        self.y, self.extra = y, extra
+
+
+class Returns(nn.Layer):
+    """The model's output in a container (tuple, dict, namedtuple, dataclass, plain object), with an
+    intermediate beside it: the input of the last BatchNorm-after-conv pair (its conv's raw output) or the
+    last pattern's input."""
+    CONTAINERS = ("tensor", "tuple", "dict", "namedtuple", "dataclass", "object")
+
+    def __init__(self, body, container, raw_conv):
+        super().__init__()
+        self.body, self.container, self.raw_conv = body, container, raw_conv
+
+    def forward(self, x):
+        y = self.body(x)
+        extra = self.raw_conv(x) if self.raw_conv is not None else x * 1.0
+        if self.container == "tensor":
+            return y
+        if self.container == "tuple":
+            return y, extra
+        if self.container == "dict":
+            return {"y": y, "extra": [extra]}
+        if self.container == "namedtuple":
+            return Outputs(y, extra)
+        if self.container == "dataclass":
+            return DataOutputs(y, extra)
+        return ObjectOutputs(y, extra)
+
+
+GEOMETRIES = ("dilated", "5x5", "stride2", "grouped", "reflect", "dilated_vs_3x3")
+
+
+def repvgg_geometry_block(kind: str, c: int, act="relu", alpha: bool = False, identity: bool = False):
+    """ppfuse's RepVggBlock whose branch convs are replaced by another geometry (dilated, 5x5, stride 2,
+    grouped, reflect padding, a plain 3x3 beside a dilated one): exact merges convert, the others must be
+    left."""
+    stride = 2 if kind == "stride2" else 1
+    groups = 2 if kind == "grouped" and c % 2 == 0 else 1
+    block = RepVggBlock(c, c, act=act or "relu", alpha=alpha, stride=stride, identity=stride == 1 and identity)
+    k, dilation, mode = {"dilated": (3, 2, "zeros"), "dilated_vs_3x3": (3, 2, "zeros"), "5x5": (5, 1, "zeros"),
+                         "reflect": (3, 1, "reflect")}.get(kind, (3, 1, "zeros"))
+    block.conv1.conv = nn.Conv2D(c, c, k, stride=stride, padding=dilation * (k // 2), dilation=dilation,
+                                 groups=groups, padding_mode=mode, bias_attr=False)
+    if kind == "dilated_vs_3x3":  # a plain 3x3 beside a dilated one: padded into it, it would read other pixels
+        block.conv2.conv = nn.Conv2D(c, c, 3, stride=stride, padding=1, bias_attr=False)
+    else:
+        block.conv2.conv = nn.Conv2D(c, c, 1, stride=stride, padding=0, groups=groups, bias_attr=False)
+    return block
+
+
+def repvgg_with_geometry(draw, c, act):
+    # stride 2 changes the shape, which the generated patterns (residuals, concats, shared) cannot take:
+    # tests/core/test_review2.py converts it alone
+    kinds = [kind for kind in GEOMETRIES if kind != "stride2"]
+    return repvgg_geometry_block(draw(st.sampled_from(kinds)), c, act, draw(st.booleans()), draw(st.booleans()))
+
 PAIR_PATTERNS = [Plain, Declared, ByName, TapIterated, TapSubclass, SeparateCalls, ConvReused, ConvReusedInIf,
-                 BNReusedInIf, OverridingSubclass, PosthookConv]
+                 BNReusedInIf, OverridingSubclass, PosthookConv, ClosureTap, BoundMethodTap, BiasAgain, GetattrTap,
+                 ParametersTap, HookedParent]
 
 
 # ppdet's own block joins the generated models where PaddleDetection is installed (not in the core's
@@ -300,7 +462,7 @@ HAVE_PPDET = importlib.util.find_spec("ppdet") is not None
 @st.composite
 def patterns(draw, c, depth=0):
     kind = draw(st.sampled_from(["pair"] * 6 + ["bn_reused", "weight_norm", "spectral_norm", "standardized",
-                                                "format", "squeezed", "repvgg"]
+                                                "format", "squeezed", "repvgg", "repvgg_geometry"]
                                 + (["ppdet_repvgg"] if HAVE_PPDET else [])
                                 + (["residual", "concat", "shared"] if depth < 2 else [])))
     act = draw(st.sampled_from(ACTIVATIONS))
@@ -325,6 +487,8 @@ def patterns(draw, c, depth=0):
         if block.alpha is not None:
             block.drawn_alpha = draw(st.sampled_from([0.7, 1.3, 0.0, -0.5]))
         return block
+    if kind == "repvgg_geometry":
+        return repvgg_with_geometry(draw, c, act)
     if kind == "ppdet_repvgg":
         from ppdet.modeling.backbones.cspresnet import RepVggBlock as PPDetRepVggBlock
         block = PPDetRepVggBlock(c, c, act=act or "relu", alpha=True)
@@ -339,14 +503,32 @@ def patterns(draw, c, depth=0):
 
 @st.composite
 def models(draw):
-    """``(model, channels)``: a Sequential of 1-3 patterns, weights and BN statistics randomized, in eval mode."""
+    """``(model, channels)``: a Sequential of 1-3 patterns, weights and BN
+    statistics randomized, in eval mode; drawn too: a non-finite tail, an output container with an
+    intermediate beside the output, float64, frozen parameters. ``model.input_dtype`` is the dtype to feed."""
     c = draw(st.sampled_from([3, 4, 5, 6]))
     seed = draw(st.integers(0, 2 ** 16))
     paddle.seed(seed)
-    model = nn.Sequential(*[draw(patterns(c)) for _ in range(draw(st.integers(1, 3)))])
+    body = [draw(patterns(c)) for _ in range(draw(st.integers(1, 3)))]
+    if draw(st.integers(0, 9)) == 0:
+        body.append(NonFiniteTail(c, conv_of(draw, c), bn_of(draw, c)))
+    model = nn.Sequential(*body)
+    container = draw(st.sampled_from(Returns.CONTAINERS))
+    if container != "tensor":
+        last_pair = next((p for p in reversed(body) if isinstance(p, Plain)), None)
+        raw = last_pair.seq[0] if last_pair is not None and draw(st.booleans()) else None
+        model = Returns(model, container, raw)
     layers.randomize(model, seed)
     for sub in model.sublayers():  # alphas drawn above (0, negative, NaN too): randomize draws only 0.3-1.7
         if hasattr(sub, "drawn_alpha"):
             sub.alpha.set_value(np.array([sub.drawn_alpha], "float32"))
+    model.input_dtype = "float32"
+    if draw(st.integers(0, 9)) == 0:
+        model.to(dtype="float64")
+        model.input_dtype = "float64"
+    if draw(st.integers(0, 9)) == 0:
+        for param in model.parameters():
+            param.stop_gradient = True
+        model.frozen = True
     model.eval()
     return model, c
