@@ -166,6 +166,20 @@ def test_batch_norm_statistics_nan_or_nonpositive(trained_checkpoint, tmp_path, 
         assert "neck.fpn_stages.0.0.convs.0.conv2.conv1.bn" in line
 
 
+def test_a_diverged_checkpoint_is_never_exported(trained_checkpoint, tmp_path, capsys, out_dir):
+    """A NaN in a conv weight (a diverged training run): exit 2 naming the tensor, nothing written -- not an
+    export whose outputs are NaN "verified" against a training form that is NaN too."""
+    _, state = trained_checkpoint
+    key = next(k for k in state if k.endswith("conv.weight"))
+    broken = dict(state)
+    broken[key] = state[key].copy()
+    broken[key].reshape(-1)[5] = np.nan
+    path = str(tmp_path / "diverged.pdparams")
+    paddle.save(broken, path)
+    expect_error(EXPORT, ["-c", TEST_CONFIG, "-o", f"weights={path}", "--output_dir", out_dir], capsys,
+                 rf"{key.replace('.', '[.]')} holds NaN or Inf \(first at index", out_dir)
+
+
 def test_deploy_checkpoint_without_deploy_true(tmp_path, capsys):
     """export_deploy always deploys, so a deploy checkpoint is handled there; building the
     training form from it (the API with deploy=False) is an error that says what to set."""

@@ -29,6 +29,9 @@ def run(argv):
     parser.add_argument("--atol", type=float, default=None, help="verification tolerance, absolute, on boxes/input size and scores (default 1e-4)")
     parser.add_argument("--rtol", type=float, default=None, help="verification tolerance, relative (default 1e-4)")
     parser.add_argument("--no_nms", action="store_true", help="export raw (boxes, scores) without NMS")
+    parser.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="export size: sets the TestReader's image_shape and the shared eval_size (which "
+                        "PP-YOLOE heads precompute anchors for) together; multiples of 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
     parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra)")
@@ -40,7 +43,7 @@ def run(argv):
     args = parser.parse_args(argv)
 
     from ppfuse.ppdet import detection, export
-    config = detection.load_config(args.config, args.opt)
+    config = detection.load_config(args.config, args.opt, input_size=args.input_size)
     if config.weights and "weights" not in config.overrides and not detection.weights_file_exists(config.weights):
         # PaddleDetection's own configs name the checkpoint their training would write
         print(f"WARNING: the config's weights ({config.weights}) do not exist; give trained weights with "

@@ -140,8 +140,27 @@ class DetectionConfig:
         return [int(size[0]), int(size[1])] if size else [640, 640]
 
 
-def load_config(path: str, overrides: Optional[Sequence[str]] = None) -> DetectionConfig:
+def _with_input_size(parsed: Dict[str, Any], size: Sequence[int]) -> Dict[str, Any]:
+    """``parsed`` overrides with the export size ``[H, W]`` set where ppdet reads it: the TestReader's image
+    shape and the shared ``eval_size`` (which PP-YOLOE heads precompute anchors for)."""
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ConfigError(f"--input_size {' '.join(map(str, size))}: give height and width, two positive "
+                          "integers (multiples of 32)")
+    height, width = (int(s) for s in size)
+    result = copy.deepcopy(parsed)
+    reader = result.setdefault("TestReader", {})
+    reader.setdefault("inputs_def", {})["image_shape"] = [3, height, width]
+    result["eval_size"] = [height, width]
+    return result
+
+
+def load_config(path: str, overrides: Optional[Sequence[str]] = None,
+                input_size: Optional[Sequence[int]] = None) -> DetectionConfig:
     """Read a PaddleDetection YAML config (with ``_BASE_``) and ``-o`` overrides.
+
+    The export size is set in one place: ``input_size`` (``[H, W]``), or an override of
+    ``TestReader.inputs_def.image_shape``; either sets the shared ``eval_size`` too (a head that
+    precomputes anchors for another size would fail), unless ``eval_size`` is overridden itself.
 
     Raises:
         ConfigError: file missing, not YAML, no ``architecture``, or an
@@ -159,6 +178,8 @@ def load_config(path: str, overrides: Optional[Sequence[str]] = None) -> Detecti
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     parsed = parse_overrides(overrides or [])
+    if input_size is not None:
+        parsed = _with_input_size(parsed, input_size)
     config = DetectionConfig(path, parsed)
     ws = _workspace()
     try:
@@ -173,6 +194,10 @@ def load_config(path: str, overrides: Optional[Sequence[str]] = None) -> Detecti
     for key, value in g.items():
         values[key] = copy.deepcopy(dict(value)) if isinstance(value, ws.SchemaDict) else value
     config.values = values
+    shape = ((parsed.get("TestReader") or {}).get("inputs_def") or {}).get("image_shape")
+    if (input_size is None and shape and "eval_size" not in parsed and values.get("eval_size")
+            and list(values["eval_size"]) != list(config.input_size())):
+        return load_config(path, overrides, input_size=config.input_size())
     arch = values.get("architecture")
     if not arch:
         raise ConfigError(f"{path}: no 'architecture' key (e.g. architecture: PPYOLOE); is this a "
@@ -374,7 +399,7 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
         layers.randomize(training_model, seed)
         inputs = detectors.sample_inputs(config.input_size(), 2, seed, detectors.input_names(training_model))
         detector = detectors.wrapper_for(training_model, with_nms=False)
-        with detectors.ppdet_failures(training_model):
+        with detectors.ppdet_failures(training_model, config.input_size()):
             layers.calibrate_batch_norms(training_model, lambda: detector(*inputs))
         form = "random"
     else:

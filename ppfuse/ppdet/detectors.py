@@ -197,11 +197,37 @@ def _float_tensors(out) -> List[paddle.Tensor]:
     return []
 
 
+# architectures whose ppdet 2.6.0 forward was seen failing on Paddle 3.x itself (0-d tensors from indexing, no
+# implicit float/int promotion): only for these is the Paddle version named as the cause
+FAIL_ON_PADDLE_3 = ("FasterRCNN", "MaskRCNN", "CascadeRCNN", "TOOD", "DETR:DeformableTransformer", "DINO", "SOLOv2")
+# the largest feature stride of the detectors ppfuse exports: an input size must be a multiple of it
+STRIDE = 32
+
+
+def size_problem(model: nn.Layer, size: Optional[Sequence[int]]) -> Optional[str]:
+    """What is wrong with exporting ``model`` at ``size`` = ``[H, W]``, if a size constraint explains a
+    failure: not a multiple of :data:`STRIDE`, or a head that precomputed anchors for another ``eval_size``."""
+    if size is None:
+        return None
+    size = [int(s) for s in size]
+    if any(s % STRIDE for s in size):
+        fits = [max(STRIDE, int(round(s / STRIDE)) * STRIDE) for s in size]
+        return (f"input size {size} is not a multiple of {STRIDE}, the largest feature stride of the detector "
+                f"(feature maps of the neck no longer match); use e.g. {fits} (--input_size {fits[0]} {fits[1]})")
+    head = next((sub for sub in [model] + model.sublayers() if getattr(sub, "eval_size", None)), None)
+    if head is not None and [int(s) for s in head.eval_size] != size:
+        return (f"{type(head).__name__} precomputes its anchors for eval_size {list(head.eval_size)}, but the input "
+                f"is {size}; export with --input_size {size[0]} {size[1]} (or -o eval_size={size}) so that both "
+                "agree")
+    return None
+
+
 @contextlib.contextmanager
-def ppdet_failures(model: nn.Layer):
-    """Turn an exception from ppdet's own code while it runs ``model`` into one :class:`ModelError` line:
-    what failed and where in ppdet (ppdet 2.6.0's R-CNN, TOOD, Deformable DETR, DINO and SOLOv2 forwards fail
-    on Paddle 3.x: 0-d tensors from indexing, no implicit float/int promotion)."""
+def ppdet_failures(model: nn.Layer, size: Optional[Sequence[int]] = None):
+    """Turn an exception from ppdet's own code while it runs ``model`` (at input ``size``) into one line:
+    a size the architecture cannot take (:func:`size_problem`) as a :class:`ConfigError` naming the
+    constraint and the fix; else what failed and where in ppdet as a :class:`ModelError`, naming Paddle's
+    version as the cause only for the architectures seen failing on Paddle 3.x (:data:`FAIL_ON_PADDLE_3`)."""
     try:
         yield
     except (PPFuseError, _HeadOutputs, KeyboardInterrupt):
@@ -215,10 +241,26 @@ def ppdet_failures(model: nn.Layer):
             raise
         where = ppdet_frames[-1]
         inside = os.path.relpath(os.path.abspath(where.filename), root).replace(os.sep, "/")
-        raise ModelError(f"{type(model).__name__}: ppdet {getattr(ppdet, '__version__', '')}'s own forward fails on "
+        problem = size_problem(model, size)
+        if problem is not None:
+            raise ConfigError(f"{type(model).__name__}: {problem} (ppdet's forward fails: {first_line(exc)[:160]})"
+                              ) from None
+        version = getattr(ppdet, "__version__", "")
+        if type(model).__name__ not in FAIL_ON_PADDLE_3 and not _transformer_in(model, FAIL_ON_PADDLE_3):
+            raise ModelError(f"{type(model).__name__}: ppdet {version}'s own forward fails on this config: "
+                             f"{first_line(exc)[:250]} (at ppdet/{inside}:{where.lineno}); check the config "
+                             "(input size, eval_size, the model's settings)") from None
+        raise ModelError(f"{type(model).__name__}: ppdet {version}'s own forward fails on "
                          f"Paddle {paddle.__version__}: {first_line(exc)[:250]} (at ppdet/"
                          f"{inside}:{where.lineno}); ppfuse "
                          "converts models ppdet can run -- use a Paddle version this ppdet supports") from None
+
+
+def _transformer_in(model: nn.Layer, names: Sequence[str]) -> bool:
+    """``"Architecture:Transformer"`` entries of ``names`` that ``model`` matches (DETR is fine, DETR with a
+    deformable transformer is not)."""
+    parts = {type(sub).__name__ for sub in model.sublayers()}
+    return any(":" in n and n.split(":")[0] == type(model).__name__ and n.split(":")[1] in parts for n in names)
 
 
 def wrapper_for(model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False,
@@ -292,7 +334,7 @@ def raw_outputs(model: nn.Layer, inputs: Sequence[paddle.Tensor], size: Sequence
     """``model``'s raw outputs on ``inputs`` as compared everywhere, each O(1): PP-YOLOE's boxes as fractions
     of the input size and its scores; any other detector's head outputs each divided by its own largest
     magnitude (so one tolerance is relative to each output's scale). Evaluated under ``no_grad``."""
-    with paddle.no_grad(), ppdet_failures(model):
+    with paddle.no_grad(), ppdet_failures(model, size):
         out = wrapper_for(model, with_nms=False)(*inputs)
     if is_ppyoloe_style(model):
         return ppyoloe_outputs(*(t.numpy() for t in out), size=size)
