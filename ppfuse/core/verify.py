@@ -151,7 +151,16 @@ def float64_copy(model):
     error. Parameters and buffers are cast by ``Layer.to``; tensors a layer keeps as plain attributes
     (PP-YOLOE's precomputed ``anchor_points``, ``stride_tensor``) too. ``model`` is left as it is."""
     model64 = copy.deepcopy(model)
+    kept = {}  # Layer.to casts every buffer; masks and indices keep their dtype
+    for layer in [model64] + model64.sublayers():
+        for key, value in layer._buffers.items():
+            if value is not None and value.dtype not in (paddle.float32, paddle.float16, paddle.bfloat16):
+                kept[(id(layer), key)] = value.dtype
     model64.to(dtype="float64")
+    for layer in [model64] + model64.sublayers():
+        for key, value in list(layer._buffers.items()):
+            if (id(layer), key) in kept and value.dtype != kept[(id(layer), key)]:
+                layer._buffers[key] = value.astype(kept[(id(layer), key)])
     for layer in [model64] + model64.sublayers():
         for key, value in list(vars(layer).items()):
             if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16):

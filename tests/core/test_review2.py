@@ -280,3 +280,25 @@ def test_a_slightly_negative_running_variance_folds():
     assert report.batch_norms_folded == 1, report.summary()
     with paddle.no_grad():
         assert_same(model(x), report.model(x))
+
+
+class Masked(nn.Layer):
+    """Keeps a boolean mask as a buffer (RT-DETR keeps its anchors' valid mask so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = pair()
+        self.register_buffer("valid", paddle.to_tensor(np.arange(C) % 2 == 0).reshape([1, C, 1, 1]))
+
+    def forward(self, x):
+        return paddle.where(self.valid, self.bn(self.conv(x)), paddle.zeros_like(x))
+
+
+def test_the_float64_reference_keeps_boolean_buffers_boolean():
+    from ppfuse.core.verify import float64_copy
+    model = prepared(Masked())
+    model64 = float64_copy(model)
+    assert model64.valid.dtype == paddle.bool and model64.conv.weight.dtype == paddle.float64
+    x = x_of()
+    with paddle.no_grad():
+        np.testing.assert_allclose(model64(x.astype("float64")).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
