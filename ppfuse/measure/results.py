@@ -35,6 +35,8 @@ TOPICS = {
     "runtime_parity": "tools/compare_runtimes.py",
     "sqnr": "tools/quantization_error.py",
     "openvino_profile": "tools/openvino_profile.py",
+    "scale": "tools/scale_benchmark.py",
+    "ppdet_source": "tools/ppdet_source.py",
 }
 
 # name in the header -> the distributions that may provide it (the first installed one is reported)
@@ -206,7 +208,9 @@ class Context:
                                           or f"none in the environment ({', '.join(THREAD_VARIABLES[:3])}, ...)"),
                  f"- data: [{json_name}]({json_name})"]
         if files:
-            lines.append("- also written: " + ", ".join(f"[{os.path.basename(path)}]({path})" for path in files))
+            # the tool's other files live in its output directory, which is not kept with the results: named, not
+            # linked
+            lines.append("- also written by the run (not kept here): " + ", ".join(f"`{path}`" for path in files))
         lines.append(f"- reading: {READING}")
         return "\n".join(lines) + "\n"
 
@@ -277,7 +281,7 @@ def write(topic: str, title: str, body: str, data: Any, results_dir: Optional[st
     try:
         os.makedirs(directory, exist_ok=True)
         stem = _free_stem(directory, context.stem())
-        links = [os.path.relpath(path, directory) for path in files]
+        links = [os.path.relpath(path) for path in files]
         texts = {".md": context.markdown(title, stem + ".json", links) + "\n" + body.rstrip("\n") + "\n",
                  ".json": json.dumps(dict(context.to_dict(), topic=topic, markdown=stem + ".md",
                                           data=jsonable(data)), indent=1, allow_nan=False) + "\n"}
