@@ -51,5 +51,7 @@ setup(
         "openvino": ["openvino==2026.4.1"],
         # int8 (tools/quantize.py): ONNX Runtime's static quantization imports ml_dtypes
         "int8": ONNX + ["ml_dtypes"],
+        # batch detection (Ray Data) and serving (Ray Serve): ppfuse.scale, tools/batch_infer.py, tools/serve.py
+        "scale": ["ray[data,serve]==2.60.0"],
     },
 )

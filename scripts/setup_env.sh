@@ -10,5 +10,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -c constraints.txt -e ".[cpu,ppdet,test,onnx,openvino,int8,bench]"
+"$VENV/bin/pip" install -q -c constraints.txt -e ".[cpu,ppdet,test,onnx,openvino,int8,bench,scale]"
 "$VENV/bin/pip" install -q -c constraints.txt --no-deps paddledet==2.6.0

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "ppfuse")
 # lowest first; a module may import from its own layer or any below it, never from one above
-LAYERS = ["facts", "core", "runtime", "deploy", "ppdet", "measure", "api"]
+LAYERS = ["facts", "core", "runtime", "deploy", "scale", "ppdet", "measure", "api"]
 FACTS = {"ppfuse.errors", "ppfuse.export_format", "ppfuse.cli"}
 
 
