@@ -118,7 +118,7 @@ _UNSUPPORTED: Dict[object, bool] = {}
 def _fast_dy2static():
     """Skip what to_static spends on a trace for analysis that the analysis does not need.
 
-    On PP-YOLOE+ l (measured, Paddle 3.3.1) tracing took 3.5 s, mostly:
+    Most of a trace of a large detector (Paddle 3.3.1) goes to:
     re-transforming every forward on every trace (the function cache is a WeakKeyDictionary keyed by
     bound methods, which die at once) -- kept here per underlying function for the process; asking
     ``is_unsupported`` for each of ~1200 calls, which rebuilds two lists of module functions each
