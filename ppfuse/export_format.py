@@ -36,6 +36,7 @@ DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"
 
 INPUT_NAMES = ("image", "scale_factor")
+PLAIN_INPUT_NAMES = ("image",)        # --image_only: the plain graph; its contract is the report's "plain_graph"
 NMS_OUTPUTS = ("bbox", "bbox_num")    # bbox [K, 6]: class, score, x1, y1, x2, y2; bbox_num [N]
 RAW_OUTPUTS = ("boxes", "scores")     # --no_nms: boxes [N, A, 4], scores [N, C, A]
 
@@ -82,6 +83,11 @@ def read_report(model_dir: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def is_image_only(model_dir: str) -> bool:
+    """Whether the export is the plain graph (``--image_only``): ``image`` in, boxes in input pixels."""
+    return bool(read_report(model_dir).get("image_only", False))
 
 
 def output_names(model_dir: str, own_names: Sequence[str]) -> List[str]:

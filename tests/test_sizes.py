@@ -1,6 +1,5 @@
 """The export size, set in one place: --input_size (or the TestReader override) sets eval_size with it; a size
 the architecture cannot take is one line naming the constraint and the fix, never a blame on Paddle's version."""
-import json
 import os
 
 from conftest import ROOT

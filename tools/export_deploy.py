@@ -34,7 +34,11 @@ def run(argv):
                         "PP-YOLOE heads precompute anchors for) together; multiples of 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and check inputs")
     parser.add_argument("--strict", action="store_true", help="fail if any BatchNorm would stay unfolded")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the [onnx] extra; every "
+                        "family that exports; an operator paddle2onnx cannot convert is named)")
+    parser.add_argument("--image_only", action="store_true", help="the plain graph: one input, image [N,3,H,W], "
+                        "boxes in input pixels (after NMS; with --no_nms the raw boxes and scores); "
+                        "docs/plain-graph.md")
     parser.add_argument("--conv_bias", choices=["in_conv", "channel_add"], default="in_conv",
                         help="how model.json writes conv biases: in_conv (default: Paddle's own form, fused into "
                         "the conv by oneDNN; model_plain.json holds the other form, which ppfuse's Paddle Inference "
@@ -55,7 +59,7 @@ def run(argv):
               file=sys.stderr)
     tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
     result = export.export(config, args.output_dir, seed=args.seed, with_nms=not args.no_nms, strict=args.strict,
-                           onnx=args.onnx, conv_bias=args.conv_bias, log=log,
+                           onnx=args.onnx, conv_bias=args.conv_bias, log=log, image_only=args.image_only,
                            **tolerance)
     conversion = result.built.conversion
     if conversion is not None:

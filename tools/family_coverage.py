@@ -1,11 +1,12 @@
 """Which PaddleDetection detector families ppfuse converts, verifies, exports and runs: one row per config.
 
-    python tools/family_coverage.py [CONFIG ...] [--size 320] [--rounds 5] [--output_dir output/coverage]
+    python tools/family_coverage.py [CONFIG ...] [--size 320] [--rounds 5] [--onnx] [--output_dir output/coverage]
 
 Default configs: every detector config shipped in configs/ (one per family). For each: BatchNorms before
 and left after conversion (and in the saved program), whether a trace confirmed every fold, the verification
 error against the training form, export + a Paddle Inference run, and the latency of the training form vs the
-export in Paddle Inference (interleaved, median of --rounds, random weights). Run nothing else meanwhile.
+export in Paddle Inference (interleaved, median of --rounds, random weights); with --onnx also model.onnx, its
+detections in ONNX Runtime and OpenVINO against Paddle Inference's, and int8. Run nothing else meanwhile.
 Writes output_dir/coverage.md and .json, and the dated result <results_dir>/coverage/<date>_<cpu>.md and
 .json (--results_dir '' or --no_results: none).
 """
@@ -29,6 +30,9 @@ def run(argv):
     parser.add_argument("--rounds", type=int, default=5, help="timed runs of each form (0: no latency)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of Paddle Inference")
     parser.add_argument("--output_dir", default="output/coverage", help="where coverage.md and .json go")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx, run it in ONNX Runtime and "
+                        "OpenVINO against Paddle Inference, quantize it and run int8 (the [onnx], [openvino] and "
+                        "[int8] extras)")
     from ppfuse.measure import results
     results.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -41,9 +45,12 @@ def run(argv):
         raise SystemExit(f"{missing[0]}: config file not found")
     overrides = coverage.size_overrides(args.size)
     print(f"CPU: {runtime.cpu_description()}; {args.threads} threads; random weights")
-    rows = [coverage.cover(p, overrides, rounds=args.rounds, threads=args.threads) for p in paths]
+    rows = [coverage.cover(p, overrides, rounds=args.rounds, threads=args.threads, onnx=args.onnx) for p in paths]
     note = (f"CPU: {runtime.cpu_description()}, Paddle Inference {args.threads} threads, batch 1, random weights "
-            f"with randomized BatchNorm statistics, median of {args.rounds} interleaved runs")
+            f"with randomized BatchNorm statistics, median of {args.rounds} interleaved runs" +
+            ("; ONNX columns: model.onnx with the export's check, detections of one generated image paired with "
+             "Paddle Inference's (same class, corners within 1 px; random weights tie scores, so NMS may keep "
+             "other boxes), int8 calibrated on two generated images" if args.onnx else ""))
     path = coverage.write(rows, args.output_dir, note)
     print("\n" + coverage.markdown(rows) + f"\nwrote {path}")
     result = results.write("coverage", "Family coverage", coverage.markdown(rows, note), coverage.to_data(rows),

@@ -15,7 +15,7 @@ import yaml
 
 from ppfuse import runtime as runtimes
 from ppfuse.errors import InferenceError
-from ppfuse.export_format import INFER_CFG, read_report
+from ppfuse.export_format import INFER_CFG, is_image_only, read_report
 from ppfuse.runtime.base import RuntimeOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -225,17 +225,25 @@ class Detector:
         report = read_report(model_dir)
         # exports before "random_weights" existed say it by weights_form
         self.random_weights = bool(report.get("random_weights", report.get("weights_form") == "random"))
+        # the plain graph (--image_only) gives boxes in input pixels: predict() maps them to the image
+        self.image_only = is_image_only(model_dir)
 
     def run(self, image_bgr: np.ndarray) -> List[np.ndarray]:
         """The runtime's outputs for one image, in order."""
         return list(self.runtime.run(self.preprocess(image_bgr)).values())
 
     def predict(self, image_bgr: np.ndarray) -> Detections:
-        outputs = self.run(image_bgr)
+        feeds = self.preprocess(image_bgr)
+        outputs = list(self.runtime.run(feeds).values())
         if len(outputs) != 2 or read_report(self.model_dir).get("with_nms") is False:
             raise InferenceError(f"{self.model_dir}: expected (bbox, bbox_num) outputs; export with NMS (no "
                                  "--no_nms) to run on images")
-        return split_detections(outputs[0], outputs[1], self.labels)[0]
+        found = split_detections(outputs[0], outputs[1], self.labels)[0]
+        if self.image_only:  # input pixels -> image pixels: the plain graph's scale factors are 1
+            scale_y, scale_x = (float(v) for v in np.asarray(feeds["scale_factor"]).reshape(-1)[:2])
+            found.boxes = (found.boxes / np.array([scale_x, scale_y, scale_x, scale_y], "float32")).astype(
+                found.boxes.dtype)
+        return found
 
 
 def draw(image_bgr: np.ndarray, detections: Detections) -> np.ndarray:

@@ -12,8 +12,10 @@ Optional dependencies: ``pip install -e ".[onnx]"`` (paddle2onnx, onnx, onnxrunt
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -23,33 +25,122 @@ from ppfuse.errors import ExportError, require_module
 from ppfuse.export_format import ONNX_FILE, PARAMS_FILE, program_file
 from ppfuse.runtime.onnx_runtime import create_session
 from ppfuse.runtime.paddle_inference import PaddleInference
-from ppfuse.core.verify import compare, compare_detections
+from ppfuse.core.verify import compare
+from ppfuse.deploy.program import count_ops
 
-__all__ = ["ONNX_FILE", "to_onnx", "node_counts", "session", "run_onnx", "check_against_paddle",
-           "fold_batch_norms", "random_inputs", "verify_fold"]
+__all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "node_counts", "session", "run_onnx",
+           "check_against_paddle", "check_extra_outputs", "name_outputs", "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
 DEFAULT_OPSET = 13  # Max on int64 shapes (the exact upsample's expand) needs opset >= 12
 
 
+# Paddle 3's program op names that paddle2onnx (2.x) knows under their legacy name
+LEGACY_NAMES = {"add": "elementwise_add", "subtract": "elementwise_sub", "multiply": "elementwise_mul",
+                "divide": "elementwise_div", "maximum": "elementwise_max", "minimum": "elementwise_min",
+                "floor_divide": "elementwise_floordiv", "remainder": "elementwise_mod", "arange": "range",
+                "expand": "expand_v2", "flatten": "flatten_contiguous_range", "unsqueeze": "unsqueeze2",
+                "topk": "top_k_v2", "nonzero": "where_index", "matmul": "matmul_v2", "max": "reduce_max",
+                "min": "reduce_min", "sum": "reduce_sum", "mean": "reduce_mean", "prod": "reduce_prod",
+                "all": "reduce_all", "any": "reduce_any", "elementwise_pow": "pow", "argmax": "arg_max",
+                "argmin": "arg_min", "full_batch_size_like": "fill_constant_batch_size_like"}
+# a program's own structure, not operators paddle2onnx converts
+STRUCTURAL_OPS = ("data", "fetch", "parameter", "p", "add_tensors", "combine", "split", "builtin", "shadow_output",
+                  "if", "while", "yield", "cond_yield", "has_elements", "increment", "select_input", "pylayer")
+
+
+def unconvertible_ops(model_dir: str) -> List[str]:
+    """The operators of ``model_dir``'s program that paddle2onnx has no converter for, by its own list
+    (``get_all_supported_operators_pir``); ``[]`` when that list cannot be read."""
+    try:
+        from paddle2onnx.paddle2onnx_cpp2py_export import get_all_supported_operators_pir
+        supported = set(get_all_supported_operators_pir())
+    except (ImportError, AttributeError):
+        return []
+    return sorted(op for op in count_ops(model_dir) if op not in STRUCTURAL_OPS and op not in supported
+                  and LEGACY_NAMES.get(op) not in supported)
+
+
+def _paddle2onnx(program: str, params: str, onnx_path: str, opset: int) -> None:
+    import paddle2onnx
+    # optimize_tool: paddle2onnx's default, polygraphy, runs with POLYGRAPHY_AUTOINSTALL_DEPS=1 and
+    # pip-installs onnx_graphsurgeon at run time, which upgraded numpy to 2.x and broke cv2 here.
+    paddle2onnx.export(program, params, save_file=onnx_path, opset_version=opset, enable_onnx_checker=True,
+                       enable_optimize=True, optimize_tool="onnxoptimizer")
+
+
 def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
-    """Convert ``model_dir``'s ``model.json``/``model.pdiparams`` to ``onnx_path`` with paddle2onnx."""
-    paddle2onnx = require_module("paddle2onnx", "ONNX support", "onnx", ExportError)
+    """Convert ``model_dir``'s ``model.json``/``model.pdiparams`` to ``onnx_path`` with paddle2onnx, conv biases
+    put back into their convs (:func:`fuse_conv_bias_adds`), nodes in topological order.
+
+    paddle2onnx ends the whole process (``abort``) on an operator it cannot convert, without naming it. So a
+    program with an operator outside its list (:func:`unconvertible_ops`) is converted in a child process, and
+    a failure names those operators.
+
+    Raises:
+        ExportError: one line naming the operators paddle2onnx cannot convert, or its failure.
+    """
+    require_module("paddle2onnx", "ONNX support", "onnx", ExportError)
     program = program_file(model_dir)
     params = os.path.join(model_dir, PARAMS_FILE)
-    try:
-        # optimize_tool: paddle2onnx's default, polygraphy, runs with POLYGRAPHY_AUTOINSTALL_DEPS=1 and
-        # pip-installs onnx_graphsurgeon at run time, which upgraded numpy to 2.x and broke cv2 here.
-        paddle2onnx.export(program, params, save_file=onnx_path, opset_version=opset, enable_onnx_checker=True,
-                           enable_optimize=True, optimize_tool="onnxoptimizer")
-    except Exception as exc:
-        raise ExportError(f"{model_dir}: paddle2onnx failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    suspects = unconvertible_ops(model_dir)
+    if suspects:
+        code = ("import sys; sys.path.insert(0, sys.argv[5]); from ppfuse.deploy.onnx_support import _paddle2onnx; "
+                "_paddle2onnx(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run([sys.executable, "-c", code, program, params, onnx_path, str(opset), root],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0 or not os.path.exists(onnx_path):
+            raise ExportError(f"paddle2onnx cannot convert {', '.join('pd_op.' + op for op in suspects)} (not among "
+                              "its operators); export without --onnx for Paddle Inference")
+    else:
+        try:
+            _paddle2onnx(program, params, onnx_path, opset)
+        except Exception as exc:
+            raise ExportError(f"{model_dir}: paddle2onnx failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not os.path.exists(onnx_path):
         raise ExportError(f"{model_dir}: paddle2onnx wrote no {onnx_path}")
     onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
     model = onnx.load(onnx_path)
     if fuse_conv_bias_adds(model):
-        onnx.checker.check_model(model)
+        topological_sort(model.graph)
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            # paddle2onnx's Loop bodies (ppdet's per-image loop after NMS) read values the checker places
+            # after them; ONNX Runtime runs them, and the export's check that follows is the judge
+            if "topologically sorted" not in str(exc) or "sub_block" not in str(exc):
+                raise ExportError(f"{onnx_path}: not a valid ONNX model after fusing conv biases: "
+                                  f"{str(exc).splitlines()[0][:200]}") from None
         onnx.save(model, onnx_path)
     return onnx_path
+
+
+def node_inputs(node) -> List[str]:
+    """A node's inputs and the outer values its subgraphs (If and Loop bodies) read."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | \
+                {t.name for t in sub.initializer}
+            names += [name for n in sub.node for name in node_inputs(n) if name not in inner]
+    return names
+
+
+def topological_sort(graph) -> None:
+    """Order ``graph``'s nodes so that each comes after the producers of its inputs (a fused conv takes its
+    add's place in the data flow, which can be later in the list than the conv)."""
+    produced = {name for name in [i.name for i in graph.input] + [t.name for t in graph.initializer]}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(not i or i in produced for i in node_inputs(n))]
+        if not ready:  # a cycle or an input from outside (a subgraph's): keep the rest as it was
+            ordered += pending
+            break
+        chosen = {id(n) for n in ready}
+        ordered += ready
+        produced.update(o for n in ready for o in n.output)
+        pending = [n for n in pending if id(n) not in chosen]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def fuse_conv_bias_adds(model) -> int:
@@ -118,11 +209,11 @@ def fuse_conv_bias_adds(model) -> int:
         fused += 1
     if fused:
         keep = [n for n in graph.node if id(n) not in dead]
-        used = {name for n in keep for name in n.input} | graph_outputs
+        used = {name for n in keep for name in node_inputs(n)} | graph_outputs
         for _ in range(3):  # the bias's Reshape, then its Identity and Constant inputs, lose their last use
             keep = [n for n in keep
                     if n.op_type not in ("Reshape", "Identity", "Constant") or any(o in used for o in n.output)]
-            used = {name for n in keep for name in n.input} | graph_outputs
+            used = {name for n in keep for name in node_inputs(n)} | graph_outputs
         del graph.node[:]
         graph.node.extend(keep)
     return fused
@@ -157,18 +248,99 @@ def run_onnx(sess, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
     return sess.run(None, {n: inputs[n] for n in names})
 
 
-def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], box_atol: float,
-                         with_nms: bool = True):
-    """ONNX Runtime's detections against Paddle Inference's on the same inputs: ``(ok, description)``.
+def pair_detections(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], box_atol: float,
+                    score_atol: float = 1e-4, rtol: float = 1e-4) -> Tuple[bool, str]:
+    """Two ppdet-style NMS outputs ``(bbox [K, 6 or 10], bbox_num [N])``: the same detections in any order?
 
-    Raw exports (``--no_nms``) are compared output by output with ``box_atol``.
+    Per image the same count; each reference row, best score first, pairs with one unpaired candidate row of
+    its class whose score is within ``score_atol`` and coordinates within ``box_atol + rtol * |value|``.
+    (Paddle's NMS lists detections class by class below ``keep_top_k``, ONNX's by score.) Returns
+    ``(ok, description)``.
+    """
+    ref_bbox, ref_num = (np.asarray(a) for a in reference[:2])
+    bbox, num = (np.asarray(a) for a in candidate[:2])
+    if not np.array_equal(np.asarray(num).reshape(-1), np.asarray(ref_num).reshape(-1)):
+        return False, f"different count ({np.asarray(num).reshape(-1).tolist()} vs {np.asarray(ref_num).reshape(-1).tolist()})"
+    box_diff = score_diff = 0.0
+    start = 0
+    for n in np.asarray(ref_num).reshape(-1):
+        want, got = ref_bbox[start:start + int(n)], bbox[start:start + int(n)]
+        start += int(n)
+        free = np.ones(len(got), bool)
+        for i in np.argsort(-want[:, 1], kind="stable"):
+            row = want[i]
+            limit = box_atol + rtol * np.abs(row[2:])
+            fits = free & (got[:, 0] == row[0]) & (np.abs(got[:, 1] - row[1]) <= score_atol) & \
+                np.all(np.abs(got[:, 2:] - row[2:]) <= limit, axis=1)
+            if not fits.any():
+                return False, (f"differ: reference detection class {int(row[0])}, score {row[1]:.4g}, box "
+                               f"{np.round(row[2:], 2).tolist()} has no counterpart")
+            j = int(np.flatnonzero(fits)[np.argmin(np.abs(got[fits, 2:] - row[2:]).max(axis=1))])
+            free[j] = False
+            box_diff = max(box_diff, float(np.abs(got[j, 2:] - row[2:]).max()))
+            score_diff = max(score_diff, float(abs(got[j, 1] - row[1])))
+    return True, f"same detections (box diff {box_diff:.2g} px, score diff {score_diff:.2g})"
+
+
+def check_extra_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], atol: float = 1e-4,
+                        rtol: float = 1e-4, keep: int = 2) -> Optional[Tuple[bool, str]]:
+    """The outputs after the first ``keep`` of ``model_dir``'s program (Paddle Inference) and of ``onnx_path``
+    (ONNX Runtime), each divided by the reference's largest magnitude, compared with ``atol``/``rtol``; then
+    ``onnx_path`` keeps only its first ``keep`` outputs. None when there are no extra outputs."""
+    onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
+    paddle_out = list(PaddleInference(model_dir).run(inputs).values())[keep:]
+    model = onnx.load(onnx_path)
+    if len(model.graph.output) <= keep:
+        return None
+    onnx_out = run_onnx(session(onnx_path), inputs)[keep:]
+    reference, candidate, skipped = {}, {}, 0
+    for i, (want, got) in enumerate(zip(paddle_out, onnx_out)):
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        # random weights overflow exp() to inf in one runtime and to 3e38 (then NaN) in the other: values
+        # beyond 1e30 on either side are left out, and counted
+        finite = np.isfinite(want) & np.isfinite(got) & (np.abs(want) < 1e30) & (np.abs(got) < 1e30)
+        skipped += int((~finite).sum())
+        scale = max(float(np.abs(want[finite]).max()), 1e-12) if finite.any() else 1.0
+        reference[f"out{i}"], candidate[f"out{i}"] = want[finite] / scale, got[finite] / scale
+    result = compare(reference, candidate, atol, rtol)
+    del model.graph.output[keep:]
+    onnx.save(model, onnx_path)
+    note = f" ({skipped} values beyond 1e30 or not finite left out)" if skipped else ""
+    return result.ok, "relative to each output's largest value: " + result.summary().splitlines()[0] + note
+
+
+def name_outputs(onnx_path: str, names: Sequence[str]) -> None:
+    """Give the graph's outputs ppfuse's names (``bbox``, ``bbox_num`` / ``boxes``, ``scores``) through Identity
+    nodes, so a reader of the file sees them; nothing when ``names`` does not fit the output count."""
+    onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
+    model = onnx.load(onnx_path)
+    outputs = model.graph.output
+    if len(names) != len(outputs) or [o.name for o in outputs] == list(names):
+        return
+    for output, name in zip(outputs, names):
+        model.graph.node.append(onnx.helper.make_node("Identity", [output.name], [name]))
+        output.name = name
+    onnx.save(model, onnx_path)
+
+
+def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], box_atol: float,
+                         with_nms: bool = True, relative: bool = False):
+    """ONNX Runtime's detections against Paddle Inference's on the same inputs (each takes the ones it has):
+    ``(ok, description)``; detections by :func:`pair_detections`.
+
+    Raw exports (``--no_nms``) are compared output by output with ``box_atol`` (and rtol 1e-4), or with
+    ``relative`` each output divided by the reference's largest magnitude first (a head's outputs).
     """
     paddle_out = list(PaddleInference(model_dir).run(inputs).values())
     onnx_out = run_onnx(session(onnx_path), inputs)
     if with_nms:
-        return compare_detections(paddle_out, onnx_out, box_atol)
-    result = compare({f"out{i}": v for i, v in enumerate(paddle_out)},
-                     {f"out{i}": v for i, v in enumerate(onnx_out)}, box_atol, 1e-4)
+        return pair_detections(paddle_out, onnx_out, box_atol)
+    if len(paddle_out) != len(onnx_out):
+        return False, f"{len(onnx_out)} outputs, Paddle Inference gives {len(paddle_out)}"
+    scales = [max(float(np.abs(v).max()), 1e-12) if relative and v.size else 1.0 for v in paddle_out]
+    result = compare({f"out{i}": v / s for i, (v, s) in enumerate(zip(paddle_out, scales))},
+                     {f"out{i}": np.asarray(v) / s for i, (v, s) in enumerate(zip(onnx_out, scales))},
+                     1e-4 if relative else box_atol, 1e-4)
     return result.ok, result.summary().splitlines()[0]
 
 

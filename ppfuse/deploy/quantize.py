@@ -41,7 +41,7 @@ from ppfuse.export_format import INT8_ONNX_FILE, ONNX_FILE, REPORT_FILE, read_re
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's MinMax, Entropy, Percentile
 ACTIVATION_TYPES = ("uint8", "int8")
-INPUTS = ("image", "scale_factor")
+INPUTS = ("image", "im_shape", "scale_factor")  # what an export may take; each model takes its own
 Log = Callable[[str], None]
 
 
@@ -105,6 +105,12 @@ class QuantizeResult:
     def line(self) -> str:
         return (f"wrote {self.path}: {self.quantized_convs} of {self.convs} convs int8 "
                 f"({self.settings.describe()})")
+
+
+def model_feeds(model, feeds: Sequence[Mapping[str, np.ndarray]]) -> List[Dict[str, np.ndarray]]:
+    """``feeds`` restricted to the inputs the ONNX ``model`` takes (an export takes some of :data:`INPUTS`)."""
+    names = {i.name for i in model.graph.input}
+    return [{k: v for k, v in feed.items() if k in names} for feed in feeds]
 
 
 def require_quantization():
@@ -183,9 +189,11 @@ def quantize_onnx(source: str, target: str, feeds: Sequence[Mapping[str, np.ndar
     method = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
               "percentile": quantization.CalibrationMethod.Percentile}[settings.calibration]
     activation = quantization.QuantType.QUInt8 if settings.activation_type == "uint8" else quantization.QuantType.QInt8
+    model = onnx.load(source)
+    feeds = model_feeds(model, feeds)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = os.path.join(tmp, "prepared.onnx")
-        onnx.save(constants_as_initializers(onnx.load(source)), prepared)
+        onnx.save(constants_as_initializers(model), prepared)
         quantization.quantize_static(
             prepared, target, Reader(), quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=list(
                 settings.op_types), per_channel=settings.per_channel, activation_type=activation,

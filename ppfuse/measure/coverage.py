@@ -6,7 +6,11 @@ For each config: build the model (random weights, randomized BatchNorm statistic
 model against the training form, export it (``ppfuse.ppdet.export``), run the export in Paddle Inference on a
 generated image, and time the training form against the export in Paddle Inference, interleaved, in one
 process (the training form as ppdet's own export would write it, :func:`ppfuse.ppdet.detectors.ppdet_path`).
-A family that fails at some step gets its row with the step and the error's first line; the sweep goes on.
+With ``onnx``: write ``model.onnx`` (:func:`ppfuse.ppdet.export.export_onnx`, its check included), run it in
+ONNX Runtime and OpenVINO on the same image and pair their detections with Paddle Inference's, quantize it
+(two generated calibration images) and run the int8 model in ONNX Runtime, saying how many convolutions ran
+int8. A family that fails at some step gets its row with the step and the error's first line; the sweep goes
+on; an ONNX step that fails is its cell, with the reason.
 """
 from __future__ import annotations
 
@@ -80,6 +84,10 @@ class CoverageRow:
     inputs: List[str] = field(default_factory=list)
     latency_training_ms: Optional[float] = None
     latency_export_ms: Optional[float] = None
+    onnx: str = ""  # "ok" or why not
+    onnxruntime: str = ""  # detections paired with Paddle Inference's, or why not
+    openvino: str = ""
+    int8: str = ""  # convolutions that ran int8 in ONNX Runtime, or why not
     failed_step: str = ""
     error: str = ""
     seconds: float = 0.0
@@ -100,9 +108,55 @@ def _times_ms(call: Callable, inputs, rounds: int) -> List[float]:
     return times
 
 
+def _cell(exc: BaseException) -> str:
+    return "no: " + first_line(exc)[:160].replace("|", "/")
+
+
+def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threads: int) -> None:
+    """The ONNX columns of ``row``: write and check ``model.onnx``, run it in ONNX Runtime and OpenVINO against
+    Paddle Inference's ``outputs`` on ``feeds``, quantize and run int8. Each failure is its cell."""
+    from ppfuse.deploy import quantize
+    from ppfuse.deploy.inference import split_detections
+    from ppfuse.measure.runtime_parity import match_detections
+    from ppfuse.runtime import RuntimeOptions, load
+    try:
+        export.export_onnx(result.built.model, result.directory, row.input_size, log=lambda message: None,
+                           strict_detections=False)
+        row.onnx = "ok"
+    except Exception as exc:
+        row.onnx = row.onnxruntime = row.openvino = row.int8 = _cell(exc)
+        return
+    reference = split_detections(outputs[0], outputs[1])[0] if len(outputs) == 2 else None
+    for name in ("onnxruntime", "openvino"):
+        try:
+            found = list(load(result.directory, name, RuntimeOptions(cpu_threads=threads)).run(feeds).values())
+            if reference is None:
+                setattr(row, name, "runs")
+                continue
+            match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
+            setattr(row, name, f"{match.matched} of {match.reference} paired ({match.candidate} found)")
+        except Exception as exc:
+            setattr(row, name, _cell(exc))
+    try:
+        import cv2
+        images = os.path.join(workdir, "calibration")
+        os.makedirs(images, exist_ok=True)
+        for i in range(2):
+            cv2.imwrite(os.path.join(images, f"{i}.png"), np.random.RandomState(10 + i).randint(
+                0, 255, (row.input_size[0], row.input_size[1], 3)).astype("uint8"))
+        quantize.quantize_export(result.directory, images, quantize.QuantizeSettings(images=2),
+                                 log=lambda message: None)
+        model = load(result.directory, "onnxruntime", RuntimeOptions(precision="int8", cpu_threads=threads))
+        model.run(feeds)
+        row.int8 = model.confirm_precision(feeds).detail.split(": ", 1)[-1].split(";")[0]
+    except Exception as exc:
+        row.int8 = _cell(exc)
+
+
 def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = None, rounds: int = 5,
-          threads: int = 2, log: Callable = print) -> CoverageRow:
-    """One config through every step (see the module docstring); never raises for the family's own failures."""
+          threads: int = 2, log: Callable = print, onnx: bool = False) -> CoverageRow:
+    """One config through every step (see the module docstring); never raises for the family's own failures.
+    ``onnx``: also the ONNX, ONNX Runtime, OpenVINO and int8 columns (:func:`_onnx_runtimes`)."""
     from ppfuse.runtime import RuntimeOptions, load
     row = CoverageRow(os.path.relpath(path))
     start = time.perf_counter()
@@ -135,6 +189,9 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
         outputs = list(deployed.run(feeds).values())
         row.detections = int(np.asarray(outputs[1]).sum()) if len(outputs) > 1 else None
         row.paddle_inference_ok = True
+        if onnx:
+            step = "ONNX"
+            _onnx_runtimes(row, result, feeds, outputs, workdir, threads)
         if rounds > 0:
             step = "latency"
             training_dir = os.path.join(workdir, "training_form")
@@ -166,12 +223,15 @@ def line(row: CoverageRow) -> str:
     if row.failed_step:
         return f"{row.config}: FAILED at {row.failed_step}: {row.error}"
     ratio = f", export/training latency {row.ratio:.2f}" if row.ratio else ""
+    onnx = (f", ONNX {row.onnx}; ONNX Runtime {row.onnxruntime}; OpenVINO {row.openvino}; int8 {row.int8}"
+            if row.onnx else "")
     return (f"{row.config}: {row.architecture} {row.input_size}, BN {row.bn_before} -> {row.bn_left} left "
             f"({row.bn_in_program} in program), verified {row.verification_max_rel:.1e} of scale, Paddle Inference "
-            f"ok ({row.detections} detections){ratio} [{row.seconds:.0f} s]")
+            f"ok ({row.detections} detections){ratio}{onnx} [{row.seconds:.0f} s]")
 
 
 def markdown(rows: List[CoverageRow], note: str = "") -> str:
+    with_onnx = any(r.onnx for r in rows)
     body = []
     for r in rows:
         size = "x".join(map(str, r.input_size))
@@ -184,10 +244,13 @@ def markdown(rows: List[CoverageRow], note: str = "") -> str:
         fmt = (lambda v: f"{v:.1f}" if v is not None else "")
         body.append([f"`{r.config}`", r.architecture, size, r.bn_before, f"{r.bn_left} ({r.bn_in_program})", trace,
                      f"{r.verification_max_rel:.1e}", run, fmt(r.latency_training_ms), fmt(r.latency_export_ms),
-                     "" if r.ratio is None else f"{r.ratio:.2f}"])
+                     "" if r.ratio is None else f"{r.ratio:.2f}"] +
+                    ([r.onnx, r.onnxruntime, r.openvino, r.int8] if with_onnx else []))
     text = table(["config", "architecture", "size", "BN before", "BN left (program)", "confirmed by trace",
                   "verification (max rel. to scale)", "export + Paddle Inference", "training form ms", "export ms",
-                  "ratio"], body, "lllrrlrlrrr")
+                  "ratio"] + (["ONNX (export's check)", "ONNX Runtime vs Paddle Inference", "OpenVINO vs Paddle "
+                               "Inference", "int8 (ONNX Runtime)"] if with_onnx else []),
+                 body, "lllrrlrlrrr" + ("llll" if with_onnx else ""))
     return (note + "\n\n" if note else "") + text + "\n"
 
 

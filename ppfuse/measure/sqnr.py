@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ppfuse.deploy.quantize import (QuantizeSettings, calibration_images, calibration_inputs,
+from ppfuse.deploy.quantize import (QuantizeSettings, calibration_images, calibration_inputs, model_feeds,
                                     constants_as_initializers, conv_nodes, quantize_onnx, require_quantization)
 from ppfuse.errors import ConfigError
 from ppfuse.export_format import INT8_ONNX_FILE, ONNX_FILE
@@ -120,6 +120,7 @@ def layer_errors(fp32_path: str, int8_path: str, feeds: Sequence[Mapping[str, np
                           "quantize this export again")
     reference_names = [n.output[0] for n in convs]
     int8_names = _int8_output_names(int8, reference_names)
+    feeds = model_feeds(fp32, feeds)
 
     def session(model_bytes):
         options = onnxruntime.SessionOptions()

@@ -55,19 +55,37 @@ def _reset_ppdet_config() -> None:
 
     ``load_config`` merges into one global dict, so a second config would
     inherit keys of the first. Registered module schemas stay; their values go.
+    Mutable default arguments of the registered modules' ``__init__`` are put back
+    in place too: a build may change them (ppdet 2.6.0's ``LCPAN`` appends to its
+    default ``spatial_scales`` list when ``num_features`` is 4, so a second PicoDet
+    lcnet would get five scales and fail its own forward).
     """
     global _PRISTINE
     ws = _workspace()
     g = ws.global_config
     if _PRISTINE is None:
-        _PRISTINE = {k: (v, copy.deepcopy(dict(v))) for k, v in g.items() if isinstance(v, ws.SchemaDict)}
+        _PRISTINE = {}
+        for key, schema in g.items():
+            if not isinstance(schema, ws.SchemaDict):
+                continue
+            init = getattr(getattr(getattr(schema, "pymodule", None), key, None), "__init__", None)
+            defaults = list(getattr(init, "__defaults__", None) or ())
+            defaults += list((getattr(init, "__kwdefaults__", None) or {}).values())
+            mutable = [(d, copy.deepcopy(d)) for d in defaults if isinstance(d, (list, dict))]
+            _PRISTINE[key] = (schema, copy.deepcopy(dict(schema)), mutable)
     for key in list(g.keys()):
         if key not in _PRISTINE:
             del g[key]
-    for key, (schema, items) in _PRISTINE.items():
+    for key, (schema, items, mutable) in _PRISTINE.items():
         schema.clear()
         schema.update(copy.deepcopy(items))
         g[key] = schema
+        for default, pristine in mutable:  # in place: ppdet's schema holds the same objects
+            if isinstance(default, list):
+                default[:] = copy.deepcopy(pristine)
+            else:
+                default.clear()
+                default.update(copy.deepcopy(pristine))
 
 
 def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:

@@ -13,6 +13,9 @@ with ``to_static(full_graph=True)``:
   are the outputs of the detector's head (its last layer with parameters) --
   everything the conversion can change, before any selection (NMS, top-k) that
   would turn a rounding difference into a different box.
+- :class:`ImageOnly` -- either of them as the plain graph: ``image`` alone, the image's own size as
+  ``im_shape`` and scale factors of 1, so every box is in pixels of the input; without NMS its outputs are
+  the boxes and scores NMS would have taken.
 
 :func:`wrapper_for`, :func:`input_spec`, :func:`sample_inputs` and
 :func:`raw_outputs` choose between them, so the rest of ppfuse does not.
@@ -45,10 +48,11 @@ def is_ppyoloe_style(model: nn.Layer) -> bool:
 
 def head_of(model: nn.Layer) -> Tuple[str, nn.Layer]:
     """``(attribute, layer)`` of the detector's head: what its raw outputs are read from."""
-    for name in HEAD_ATTRIBUTES:
-        layer = getattr(model, name, None)
-        if isinstance(layer, nn.Layer) and layer.parameters():
-            return name, layer
+    heads = [(name, getattr(model, name, None)) for name in HEAD_ATTRIBUTES]
+    heads = [(name, layer) for name, layer in heads if isinstance(layer, nn.Layer)]
+    # a head with parameters first; else one without (RT-DETR's DINOHead reads what its transformer predicted)
+    for name, layer in sorted(heads, key=lambda item: not item[1].parameters()):
+        return name, layer
     raise ConfigError(f"{type(model).__name__}: no head found (looked for {', '.join(HEAD_ATTRIBUTES)} with "
                       "parameters); ppfuse reads a detector's raw outputs from its head")
 
@@ -66,8 +70,10 @@ class DetectorForInference(nn.Layer):  # PP-YOLOE style
     without it spent 80% of ONNX Runtime's time on PP-YOLOE+ s.
     """
 
-    def __init__(self, model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False):
+    def __init__(self, model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False,
+                 nms_inputs_too: bool = False):
         super().__init__()
+        self.nms_inputs_too = nms_inputs_too  # detections, then the boxes and scores NMS took (the ONNX check's)
         for part in ("backbone", "neck", "yolo_head"):
             if not hasattr(model, part):
                 raise ConfigError(f"{type(model).__name__} has no '{part}'; ppfuse exports PP-YOLOE-style "
@@ -92,24 +98,14 @@ class DetectorForInference(nn.Layer):  # PP-YOLOE style
         if not self.with_nms:
             return boxes, scores
         nms = self.model.yolo_head.nms
+        raw = (boxes, scores)
         if self.topk_before_nms:
-            boxes, scores = self._per_class_top_k(boxes, scores, nms.nms_top_k)
+            from ppfuse.ppdet.postprocess import per_class_top_k
+            boxes, scores = per_class_top_k(boxes, scores, nms.nms_top_k)
         bbox, _, bbox_num = paddle._C_ops.multiclass_nms3(
             boxes, scores, None, nms.score_threshold, nms.nms_top_k, nms.keep_top_k, nms.nms_threshold,
             nms.normalized, nms.nms_eta, -1)
-        return bbox, bbox_num
-
-    @staticmethod
-    def _per_class_top_k(boxes, scores, top_k: int):
-        """``boxes [N, A, 4]``, ``scores [N, C, A]`` -> ``[N, C*k, 4]``, ``[N, C, C*k]`` (class c's k boxes only)."""
-        classes, anchors = scores.shape[1], scores.shape[2]
-        k = min(top_k, anchors) if top_k and top_k > 0 else anchors
-        top_scores, index = paddle.topk(scores, k, axis=-1)  # [N, C, k]
-        flat = index.reshape([0, classes * k, 1]).expand([-1, classes * k, 4])
-        per_class_boxes = paddle.take_along_axis(boxes, flat, axis=1)
-        eye = paddle.eye(classes, dtype=scores.dtype).reshape([1, classes, classes, 1])
-        block = (eye * top_scores.unsqueeze(1)).reshape([0, classes, classes * k])
-        return per_class_boxes, block
+        return (bbox, bbox_num) + (raw if self.nms_inputs_too else ())
 
 
 
@@ -129,19 +125,26 @@ class PPDetDetector(nn.Layer):
     (``to_static`` reads the signature).
     """
 
-    def __init__(self, model: nn.Layer, with_nms: bool = True):
+    def __init__(self, model: nn.Layer, with_nms: bool = True, nms_inputs_too: bool = False):
         super().__init__()
         self.model = model
         self.with_nms = with_nms
+        self.nms_inputs_too = nms_inputs_too  # detections and the (boxes, scores) NMS took: the ONNX check's
         self.head_name, _ = head_of(model)
 
     def _run(self, image, im_shape=None, scale_factor=None):
         # an input the traced outputs do not use is not a program input; ppdet may still read it
         if im_shape is None:
-            im_shape = paddle.shape(image)[2:].astype("float32").unsqueeze(0).tile([paddle.shape(image)[0], 1])
+            im_shape = image_shape(image)
         if scale_factor is None:
             scale_factor = paddle.ones_like(im_shape)
         inputs = {"image": image, "im_shape": im_shape, "scale_factor": scale_factor}
+        if self.with_nms and self.nms_inputs_too:
+            from ppfuse.ppdet.postprocess import nms_inputs
+            store: list = []
+            with nms_inputs(store):
+                out = self.model(inputs)
+            return (out["bbox"], out["bbox_num"]) + (tuple(store[-1]) if store else ())
         if self.with_nms:
             out = self.model(inputs)
             return out["bbox"], out["bbox_num"]
@@ -181,6 +184,49 @@ class _ImageShape(PPDetDetector):
 class _ImageShapeScale(PPDetDetector):
     def forward(self, image, im_shape, scale_factor):
         return self._run(image, im_shape, scale_factor)
+
+
+def image_shape(image) -> paddle.Tensor:
+    """``[N, 2]`` float32: the height and width of every image of the batch ``image [N, C, H, W]``."""
+    return paddle.shape(image)[2:].astype("float32").unsqueeze(0).tile([paddle.shape(image)[0], 1])
+
+
+class ImageOnly(nn.Layer):
+    """The plain graph: ``image`` -> ``(bbox, bbox_num)`` after NMS or, with ``with_nms=False``, the
+    ``(boxes, scores)`` NMS takes, every box in pixels of the input (``im_shape`` = the image's size, scale
+    factors of 1, so ppdet's post-processing scales nothing and clips to the input).
+
+    ``bgr`` flips the channels first: the plain graph takes RGB, a detector trained on BGR (CenterNet, whose
+    ``WarpAffine`` converts) gets BGR. Without NMS, a family whose post-processing calls no NMS (DETR,
+    CenterNet, TTFNet: a top-k) raises :class:`ConfigError` when traced.
+    """
+
+    def __init__(self, model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False, bgr: bool = False,
+                 nms_inputs_too: bool = False):
+        super().__init__()
+        self.model = model
+        self.with_nms = with_nms
+        self.bgr = bgr
+        self.ppyoloe = is_ppyoloe_style(model)
+        self.inner = (DetectorForInference(model, with_nms, topk_before_nms, nms_inputs_too and with_nms)
+                      if self.ppyoloe else _Image(model, with_nms=True, nms_inputs_too=nms_inputs_too and with_nms))
+
+    def forward(self, image):
+        if self.bgr:
+            image = paddle.flip(image, axis=[1])
+        if self.ppyoloe:
+            return self.inner(image, paddle.ones_like(image_shape(image)))
+        if self.with_nms:
+            return self.inner(image)
+        from ppfuse.ppdet.postprocess import nms_inputs
+        store: list = []
+        with nms_inputs(store):
+            self.inner(image)
+        if not store:
+            raise ConfigError(f"{type(self.model).__name__} calls no NMS (its post-processing selects by top-k), "
+                              "so it has no raw boxes and scores before NMS; export --image_only without --no_nms "
+                              "(its detections)")
+        return store[-1]
 
 
 _BY_INPUTS = {("image",): _Image, ("image", "scale_factor"): _ImageScale, ("image", "im_shape"): _ImageShape,
@@ -264,18 +310,25 @@ def _transformer_in(model: nn.Layer, names: Sequence[str]) -> bool:
 
 
 def wrapper_for(model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False,
-                names: Optional[Sequence[str]] = None) -> nn.Layer:
+                names: Optional[Sequence[str]] = None, image_only: bool = False, bgr: bool = False,
+                nms_inputs_too: bool = False) -> nn.Layer:
     """The wrapper that runs ``model``: :class:`DetectorForInference` for PP-YOLOE style, else a
     :class:`PPDetDetector` taking ``names`` (default :func:`input_names`; ``topk_before_nms`` is PP-YOLOE's
-    only)."""
+    only); with ``image_only`` the plain graph :class:`ImageOnly` (``bgr``: the model takes BGR).
+    ``nms_inputs_too``: after the detections, also the boxes and scores NMS took, if it ran."""
+    if image_only:
+        return ImageOnly(model, with_nms, topk_before_nms, bgr, nms_inputs_too)
     if is_ppyoloe_style(model):
-        return DetectorForInference(model, with_nms, topk_before_nms)
-    return _BY_INPUTS[tuple(names or input_names(model))](model, with_nms)
+        return DetectorForInference(model, with_nms, topk_before_nms, nms_inputs_too)
+    return _BY_INPUTS[tuple(names or input_names(model))](model, with_nms, nms_inputs_too)
 
 
-def input_names(model: nn.Layer) -> Tuple[str, ...]:
+def input_names(model: nn.Layer, image_only: bool = False) -> Tuple[str, ...]:
     """The inputs of ``model``'s wrapper: ``image, scale_factor`` for PP-YOLOE style, else all three
-    ppdet models take (the export drops those no output uses, :func:`ppfuse.ppdet.export.save_inference_model`)."""
+    ppdet models take (the export drops those no output uses, :func:`ppfuse.ppdet.export.save_inference_model`);
+    ``image`` alone for the plain graph."""
+    if image_only:
+        return ("image",)
     if is_ppyoloe_style(model):
         return ("image", "scale_factor")
     return ("image", "im_shape", "scale_factor")
@@ -319,14 +372,17 @@ def ppdet_path(model: nn.Layer, inplace: bool = False) -> nn.Layer:
 
 
 @contextlib.contextmanager
-def traceable(model: nn.Layer):
+def traceable(model: nn.Layer, onnx: bool = False, priors=None, record: bool = False):
     """While active, ``model``'s post-processing traces under PIR (a no-op for PP-YOLOE style, whose
-    wrapper calls PIR-aware ops itself)."""
+    wrapper calls PIR-aware ops itself). ``onnx``: in the forms paddle2onnx converts
+    (:func:`ppfuse.ppdet.postprocess.onnx_postprocess`; ``priors`` recorded with ``record``, then replayed)."""
     if is_ppyoloe_style(model):
         yield
         return
-    from ppfuse.ppdet.postprocess import pir_traceable_postprocess
-    with pir_traceable_postprocess():
+    from ppfuse.ppdet.postprocess import onnx_postprocess, pir_traceable_postprocess
+    if priors is not None:
+        priors.rewind()
+    with pir_traceable_postprocess(), (onnx_postprocess(priors, record) if onnx else contextlib.nullcontext()):
         yield
 
 

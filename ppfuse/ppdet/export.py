@@ -22,7 +22,14 @@ needs ``full_graph=True``, its ``multiclass_nms`` fails under PIR tracing, and
 3. write ``model.json``/``model.pdiparams``, ``infer_cfg.yml`` (the format of
    PaddleDetection's ``deploy/python/infer.py``, fitted to the fixed input size),
    the deploy checkpoint and a report, into a temporary directory moved into
-   place only when complete.
+   place only when complete;
+4. with ``onnx``, ``model.onnx``: the same wrapper traced once more with post-processing in the forms
+   paddle2onnx converts (:func:`ppfuse.ppdet.postprocess.onnx_postprocess`), converted, and checked
+   against the Paddle Inference program written beside it.
+
+``image_only`` writes the plain graph instead (:class:`ppfuse.ppdet.detectors.ImageOnly`): ``image`` is the
+only input, boxes are in pixels of the input, and the report holds the preprocessing contract
+(:func:`plain_graph_contract`, docs/plain-graph.md).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -46,7 +53,8 @@ from ppfuse.core import checkpoint, layers
 from ppfuse.ppdet import detectors
 from ppfuse.ppdet.detection import BuiltModel, DetectionConfig, build_model
 from ppfuse.errors import ConfigError, ExportError, VerificationError
-from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, ONNX_FILE, PARAMS_FILE,
+from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_OUTPUTS, ONNX_FILE, PARAMS_FILE,
+                                  RAW_OUTPUTS,
                             PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, REPORT_FILE,
                             program_file, require_paddle_3)
 from ppfuse.runtime.base import RuntimeOptions
@@ -94,19 +102,52 @@ def rewrites_report(conv_bias: str = DEFAULT_CONV_BIAS, speed_forms: bool = True
     return {**forms_report(conv_bias, speed_forms), "ese_mean": "adaptive_avg_pool2d" if speed_forms else "mean"}
 
 
+@dataclass(frozen=True)
+class Graph:
+    """What a saved program takes and gives (besides the conv-bias form).
+
+    Attributes:
+        with_nms: detections after NMS, else raw outputs.
+        image_only: the plain graph, ``image`` alone, boxes in input pixels (:class:`detectors.ImageOnly`).
+        bgr: the detector takes BGR (CenterNet): the plain graph flips the RGB it takes.
+        onnx: post-processing in the forms paddle2onnx converts (the program ``model.onnx`` is made from).
+        nms_inputs_too: after the detections, also output the boxes and scores NMS took (the ONNX check's).
+    """
+    with_nms: bool = True
+    image_only: bool = False
+    bgr: bool = False
+    onnx: bool = False
+    nms_inputs_too: bool = False
+
+
 def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True,
                          topk_before_nms: bool = False, conv_bias: str = DEFAULT_CONV_BIAS,
-                         speed_forms: bool = True) -> None:
+                         speed_forms: bool = True, graph: Optional[Graph] = None) -> None:
     """Trace ``model`` (a ppdet detector in eval mode, run by :func:`ppfuse.ppdet.detectors.wrapper_for`) under
     :func:`deploy_rewrites` and ``paddle.jit.save`` it.
 
     A detector that does not use all of ``image, im_shape, scale_factor`` (``paddle.jit.save`` refuses an
-    input no output depends on) is traced again with the ones it uses.
+    input no output depends on) is traced again with the ones it uses. ``graph`` (when given, instead of
+    ``with_nms`` and ``topk_before_nms``) chooses the plain graph and the ONNX forms; with the ONNX forms, the
+    constant prior boxes (SSD, BlazeFace) are recorded on a dygraph run first.
     """
-    names = detectors.input_names(model)
-    with deploy_rewrites(conv_bias, speed_forms), detectors.traceable(model):
+    graph = graph or Graph(with_nms=with_nms, onnx=topk_before_nms)
+    names = detectors.input_names(model, graph.image_only)
+    priors = None
+    if graph.onnx and not detectors.is_ppyoloe_style(model):
+        from ppfuse.ppdet.postprocess import PriorBoxes
+        priors = PriorBoxes()
+        values = detectors.generated_inputs(size, 1, 0)
+        with deploy_rewrites(conv_bias, speed_forms), detectors.traceable(model, True, priors, record=True), \
+                paddle.no_grad(), detectors.ppdet_failures(model, size):
+            detectors.wrapper_for(model, graph.with_nms, True, names, graph.image_only, graph.bgr,
+                                  graph.nms_inputs_too)(*[values[n] for n in names])
+    with deploy_rewrites(conv_bias, speed_forms), detectors.traceable(model, graph.onnx, priors):
         while True:
-            wrapper = detectors.wrapper_for(model, with_nms, topk_before_nms, names)
+            if priors is not None:
+                priors.rewind()
+            wrapper = detectors.wrapper_for(model, graph.with_nms, graph.onnx, names, graph.image_only, graph.bgr,
+                                            graph.nms_inputs_too)
             wrapper.eval()
             static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, names),
                                           full_graph=True)
@@ -117,7 +158,8 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
         paddle.jit.save(static, path_prefix)
 
 
-def save_plain_program(model: nn.Layer, directory: str, size: List[int], with_nms: bool = True) -> None:
+def save_plain_program(model: nn.Layer, directory: str, size: List[int], with_nms: bool = True,
+                       graph: Optional[Graph] = None) -> None:
     """Write ``model_plain.json`` next to an export's ``model.json`` (conv biases in oneDNN's form): the same
     network with the biases as ``[C, 1, 1]`` adds, the form Paddle's plain CPU kernels run faster (oneDNN
     off, batch > 1; Paddle Inference picks it then, :func:`ppfuse.runtime.paddle_inference.create_predictor`).
@@ -126,7 +168,8 @@ def save_plain_program(model: nn.Layer, directory: str, size: List[int], with_nm
     post-processing takes no more); their outputs must be identical (the same sums in the same kernels), or
     nothing is kept and :class:`ExportError` says so.
     """
-    save_inference_model(model, os.path.join(directory, PLAIN_MODEL_FILE), size, with_nms, conv_bias="channel_add")
+    save_inference_model(model, os.path.join(directory, PLAIN_MODEL_FILE), size, with_nms, conv_bias="channel_add",
+                         graph=graph)
     own_params = os.path.join(directory, PLAIN_MODEL_FILE + ".pdiparams")
     same_weights = filecmp.cmp(own_params, os.path.join(directory, PARAMS_FILE), shallow=False)
     os.remove(own_params)
@@ -194,8 +237,10 @@ class ExportResult:
     seconds: Dict[str, float] = field(default_factory=dict)
 
 
-def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.Layer) -> None:
-    """``infer_cfg.yml`` for PaddleDetection's ``deploy/python/infer.py``, written by ppdet's own function."""
+def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.Layer,
+               image_only: bool = False) -> None:
+    """``infer_cfg.yml`` for PaddleDetection's ``deploy/python/infer.py``, written by ppdet's own function
+    (for the plain graph, with the preprocessing of :func:`_plain_preprocessing`)."""
     from ppdet.engine.export_utils import TRT_MIN_SUBGRAPH, _dump_infer_config
     config.activate()
     arch = config.architecture
@@ -210,6 +255,67 @@ def _infer_cfg(config: DetectionConfig, path: str, size: List[int], model: nn.La
         global_config["TestDataset"] = create("TestDataset")()
     _dump_infer_config(global_config, path, [None, 3] + list(size), model)
     _fit_to_export_size(path, size)
+    if image_only:
+        _plain_preprocessing(path, size)
+
+
+def takes_bgr(config: DetectionConfig) -> bool:
+    """Whether the detector is fed BGR: its TestReader has ppdet's ``WarpAffine`` (CenterNet), which converts."""
+    transforms = (config.get("TestReader") or {}).get("sample_transforms") or []
+    return any(isinstance(t, dict) and "WarpAffine" in t for t in transforms)
+
+
+def _plain_preprocessing(path: str, size: List[int]) -> None:
+    """The plain graph's ``infer_cfg.yml``: the image stretched to ``size`` (``Resize``, ``keep_ratio: false``,
+    bilinear), no padding, normalized in RGB order (a BGR detector's mean and std reversed: the graph flips the
+    channels itself), ``Permute`` -- the contract :func:`plain_graph_contract` states."""
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    ops = cfg.get("Preprocess") or []
+    bgr = any(op.get("type") == "WarpAffine" for op in ops)
+    out = []
+    for op in ops:
+        kind = op.get("type")
+        if kind in ("Resize", "LetterBoxResize", "WarpAffine"):
+            out.append({"type": "Resize", "target_size": [int(size[0]), int(size[1])], "keep_ratio": False,
+                        "interp": 1})
+        elif kind in ("Pad", "PadStride"):
+            continue
+        elif kind == "NormalizeImage" and bgr:
+            op = dict(op, mean=list(op.get("mean", [0, 0, 0]))[::-1], std=list(op.get("std", [1, 1, 1]))[::-1])
+            out.append(op)
+        else:
+            out.append(op)
+    cfg["Preprocess"] = out
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def plain_graph_contract(infer_cfg_path: str, size: List[int], with_nms: bool) -> dict:
+    """What the plain graph expects and gives, for ``ppfuse_report.json`` (``"plain_graph"``): a script that reads
+    this and docs/plain-graph.md can feed it from any language."""
+    import yaml
+    with open(infer_cfg_path) as f:
+        ops = yaml.safe_load(f).get("Preprocess") or []
+    normalize = next((op for op in ops if op.get("type") == "NormalizeImage"), {})
+    mean_std = normalize.get("norm_type", "mean_std") == "mean_std" and bool(normalize)
+    height, width = int(size[0]), int(size[1])
+    outputs = ({"bbox": "[K, 6] float32: class, score, x1, y1, x2, y2 (boxes clipped to the input)",
+                "bbox_num": "[N] int32: rows of bbox per image, in order"} if with_nms else
+               {"boxes": "[N, M, 4] float32: x1, y1, x2, y2 (not clipped)",
+                "scores": "[N, C, M] float32: each box's score per class"})
+    return {
+        "input": {"name": "image", "shape": [-1, 3, height, width], "dtype": "float32", "layout": "NCHW",
+                  "channel_order": "RGB"},
+        "resize": {"to": [height, width], "keep_ratio": False, "interpolation": "bilinear (OpenCV INTER_LINEAR)"},
+        "normalize": {"scale": (1.0 / 255.0) if normalize.get("is_scale", True) and normalize else 1.0,
+                      "mean": [float(v) for v in normalize.get("mean", [0, 0, 0])] if mean_std else [0.0, 0.0, 0.0],
+                      "std": [float(v) for v in normalize.get("std", [1, 1, 1])] if mean_std else [1.0, 1.0, 1.0]},
+        "outputs": outputs,
+        "coordinates": "pixels of the H x W input; x / (W / image width), y / (H / image height) for the image",
+        "batch": "any N without NMS; with NMS the ONNX graph takes one image per run",
+    }
 
 
 def _fit_to_export_size(path: str, size: List[int]) -> None:
@@ -243,31 +349,87 @@ def _fit_to_export_size(path: str, size: List[int]) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool, log) -> dict:
-    """Write and check ``model.onnx`` beside the Paddle model; raise (nothing written) when it is off.
+def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool = True, log=print,
+                graph: Optional[Graph] = None, strict_detections: bool = True, atol: float = DEFAULT_ATOL,
+                rtol: float = DEFAULT_RTOL) -> dict:
+    """Write and check ``model.onnx`` beside the Paddle program in ``directory``; raise (no ``model.onnx`` left)
+    when it cannot be written or is off.
 
-    The ONNX model is converted from a program traced with per-class top-k
-    before NMS (see :class:`DetectorForInference`); it is checked against the
-    Paddle model written beside it.
+    The ONNX model is converted from the same wrapper traced with post-processing in the forms paddle2onnx
+    converts (:class:`Graph` ``onnx``: per-class top-k before NMS, matrix NMS in dense ops, prior boxes as
+    constants); an op paddle2onnx cannot convert is named in one line (:func:`onnx_support.to_onnx`). Checked
+    on a generated image, within the export's tolerance (1e-4 of the input size plus 1e-4 of the value on
+    boxes, 1e-4 on scores):
+
+    - raw outputs: the boxes and scores NMS takes (other families with NMS: that program in Paddle Inference
+      against ONNX Runtime, each relative to its largest value, within ten times the export's ``atol``/``rtol``
+      -- box decoding's ``exp`` amplifies fp32 differences -- before the two extra outputs are dropped from
+      ``model.onnx``), or the export's own
+      raw outputs (``--no_nms``; a head's outputs relative to each one's scale);
+    - detections after NMS against ``model.json``'s, paired one to one (:func:`onnx_support.pair_detections`).
+      Random weights give degenerate and tied boxes on which ONNX's NMS and Paddle's legitimately choose
+      differently, so with ``strict_detections=False`` (an export of random weights) a difference there is
+      reported, not refused -- the raw check still holds.
+
+    No BatchNormalization may be left, and no If in a PP-YOLOE program (its ``if self.alpha`` would be one).
     """
     from ppfuse.deploy import onnx_support
+    ppyoloe = detectors.is_ppyoloe_style(model)
+    graph = replace(graph or Graph(with_nms=with_nms), onnx=True)
+    graph = replace(graph, nms_inputs_too=graph.with_nms)
     staging = os.path.join(directory, ".onnx_source")
-    save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms, topk_before_nms=True)
-    path = onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
-    shutil.rmtree(staging)
-    nodes = onnx_support.node_counts(path)
-    if nodes.get("BatchNormalization", 0) or nodes.get("If", 0):
-        raise ExportError(f"{path}: {nodes.get('BatchNormalization', 0)} BatchNormalization and "
-                          f"{nodes.get('If', 0)} If nodes left; the deployed program should have none")
-    image, scale = detectors.sample_inputs(size, 1, 3)
-    # same tolerance as the export check: 1e-4 of the input size, in pixels
-    ok, how = onnx_support.check_against_paddle(directory, path, {"image": image.numpy(),
-                                                                  "scale_factor": scale.numpy()},
-                                                box_atol=DEFAULT_ATOL * max(size), with_nms=with_nms)
-    log(f"ONNX Runtime vs Paddle Inference: {how}")
-    if not ok:
-        raise VerificationError(f"{path}: ONNX Runtime's outputs differ from Paddle Inference's: {how}")
-    return {"nodes": nodes, "check": how}
+    path = os.path.join(directory, ONNX_FILE)
+    box_atol = DEFAULT_ATOL * max(size)
+    values = {name: tensor.numpy() for name, tensor in detectors.generated_inputs(size, 1, 3).items()}
+    raw = None
+    try:
+        save_inference_model(model, os.path.join(staging, MODEL_FILE), size, graph=graph)
+        onnx_support.to_onnx(staging, path)
+        if graph.nms_inputs_too:
+            # decoded boxes pass through exp(): fp32 differences of the network grow tenfold there
+            raw = onnx_support.check_extra_outputs(staging, path, values, 10 * atol, 10 * rtol, keep=2)
+        onnx_support.name_outputs(path, list(NMS_OUTPUTS if graph.with_nms else RAW_OUTPUTS)
+                                  if graph.with_nms or graph.image_only or ppyoloe else [])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        nodes = onnx_support.node_counts(path)
+        left = {"BatchNormalization": nodes.get("BatchNormalization", 0)}
+        if ppyoloe:
+            left["If"] = nodes.get("If", 0)
+        if any(left.values()):
+            raise ExportError(f"{path}: " + " and ".join(f"{n} {k}" for k, n in left.items()) +
+                              " nodes left; the deployed program should have none")
+        if raw is not None:
+            log(f"ONNX Runtime vs Paddle Inference, boxes and scores before NMS: {raw[1]}")
+            if not raw[0]:
+                raise VerificationError(f"{path}: ONNX Runtime's boxes and scores before NMS differ from Paddle "
+                                        f"Inference's: {raw[1]}")
+        relative = not graph.image_only and not graph.with_nms and not ppyoloe
+        # without NMS the outputs are the boxes and scores before NMS: for the other families the same tenfold
+        # tolerance as above (YOLOv3's boxes pass through exp()); PP-YOLOE keeps the export's own tolerance
+        ok, how = onnx_support.check_against_paddle(directory, path, values,
+                                                    box_atol=box_atol if graph.with_nms or ppyoloe
+                                                    else 10 * box_atol,
+                                                    with_nms=graph.with_nms, relative=relative)
+        log(f"ONNX Runtime vs Paddle Inference: {how}")
+        if not ok and (strict_detections or raw is None):
+            raise VerificationError(f"{path}: ONNX Runtime's outputs differ from Paddle Inference's: {how}")
+        if not ok:
+            log("WARNING: detections after NMS differ on random weights (degenerate, tied boxes); the boxes and "
+                "scores before NMS agree")
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
+    return {"nodes": nodes, "check": how, "raw_check": raw[1] if raw else None,
+            "nms": ("in the graph" if nodes.get("NonMaxSuppression") else "none in the post-processing (top-k)")
+            if graph.with_nms else "none (raw outputs)"}
+
+
+def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool, log) -> dict:
+    """:func:`export_onnx` (the name the export used)."""
+    return export_onnx(model, directory, size, with_nms, log)
 
 
 @contextlib.contextmanager
@@ -306,7 +468,7 @@ def atomic_directory(target: str):
 def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = None, seed: int = 0,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, with_nms: bool = True,
            strict: bool = False, onnx: bool = False, conv_bias: str = DEFAULT_CONV_BIAS,
-           log=print) -> ExportResult:
+           log=print, image_only: bool = False) -> ExportResult:
     """Build, convert, verify and write ``output_dir/<config name>/``; all files or none.
 
     Args:
@@ -315,7 +477,11 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             (default; oneDNN fuses it; ``model_plain.json`` is written too, :func:`save_plain_program`) or
             ``channel_add`` (faster with oneDNN off, batch > 1; ``model.json`` only).
         onnx: also write ``model.onnx`` (paddle2onnx), checked against Paddle
-            Inference: no BatchNormalization or If node, outputs within tolerance.
+            Inference: no BatchNormalization (nor If, PP-YOLOE) node, outputs within tolerance
+            (:func:`export_onnx`).
+        image_only: the plain graph -- ``image`` the only input, boxes in input pixels (after NMS, or with
+            ``with_nms=False`` the boxes and scores NMS takes); ``ppfuse_report.json`` gets its
+            ``plain_graph`` contract (docs/plain-graph.md).
 
     Raises:
         VerificationError: the deployed model differs beyond tolerance (nothing written).
@@ -330,9 +496,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     start = time.perf_counter()
     built = build_model(config, weights=weights, deploy=True, seed=seed, strict=strict, check=False)
     timings["build_and_convert"] = time.perf_counter() - start
-    if onnx and not detectors.is_ppyoloe_style(built.model):
-        raise ConfigError(f"--onnx: ppfuse writes ONNX for PP-YOLOE(+) exports only; {config.name} is "
-                          f"{config.architecture} (its Paddle Inference export works without --onnx)")
+    graph = Graph(with_nms=with_nms, image_only=image_only, bgr=image_only and takes_bgr(config))
     left = built.conversion.remaining_batch_norms if built.conversion else {}
     if left:
         first = next(iter(left))
@@ -357,17 +521,21 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
     start = time.perf_counter()
     plain = conv_bias != "channel_add"  # model.json is not already the plain form: write model_plain.json too
     with atomic_directory(target) as tmp:
-        save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, with_nms, conv_bias=conv_bias)
+        save_inference_model(built.model, os.path.join(tmp, MODEL_FILE), size, conv_bias=conv_bias, graph=graph)
         if plain:
-            save_plain_program(built.model, tmp, size, with_nms)
-        _infer_cfg(config, os.path.join(tmp, INFER_CFG), size, built.model)
+            save_plain_program(built.model, tmp, size, with_nms, graph=graph)
+        _infer_cfg(config, os.path.join(tmp, INFER_CFG), size, built.model, image_only)
         checkpoint.save_state(built.model, os.path.join(tmp, DEPLOY_CHECKPOINT))
         ops = count_ops(tmp)
-        onnx_report = _export_onnx(built.model, tmp, size, with_nms, log) if onnx else None
+        onnx_report = (export_onnx(built.model, tmp, size, with_nms, log, graph,
+                                   strict_detections=built.weights_form != "random", atol=atol, rtol=rtol)
+                       if onnx else None)
         report = {
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
             "weights_form": built.weights_form, "random_weights": built.weights_form == "random",
-            "input_size": size, "with_nms": with_nms,
+            "input_size": size, "with_nms": with_nms, "image_only": image_only,
+            **({"plain_graph": plain_graph_contract(os.path.join(tmp, INFER_CFG), size, with_nms)}
+               if image_only else {}),
             "conversion": built.conversion.to_dict() if built.conversion else None,
             "verification": verification.to_dict(),
             "verified_against": "training form" if built.training_model is not None else "deployed model as loaded",

@@ -159,3 +159,268 @@ def pir_traceable_postprocess() -> Iterator[Dict[str, object]]:
     finally:
         for name, function in originals.items():
             setattr(ops, name, function)
+
+
+# --- forms for ONNX -------------------------------------------------------------------------------------------------
+# The program paddle2onnx converts is traced once more with these (the Paddle Inference program keeps ppdet's ops):
+# each computes what the op of the same name computes, in ops paddle2onnx maps exactly.
+
+
+def per_class_top_k(boxes, scores, top_k: int):
+    """``boxes [N, A, 4]``, ``scores [N, C, A]`` -> ``[N, C*k, 4]``, ``[N, C, C*k]``: class c's ``k`` best boxes
+    only (its block of the scores; zero elsewhere), ``k = min(top_k, A)`` (all for ``top_k <= 0``).
+
+    Paddle's ``multiclass_nms3`` hands NMS each class's ``nms_top_k`` best boxes; ONNX ``NonMaxSuppression``
+    (what paddle2onnx makes of it) reads ``nms_top_k`` as the number of boxes it *keeps* per class and gets
+    them all. Fed these, both see the same boxes per class, so the detections are the same.
+    """
+    classes, anchors = scores.shape[1], scores.shape[2]
+    k = min(top_k, anchors) if top_k and top_k > 0 else anchors
+    top_scores, index = paddle.topk(scores, k, axis=-1)  # [N, C, k]
+    flat = index.reshape([0, classes * k, 1]).expand([-1, classes * k, boxes.shape[-1]])
+    chosen = paddle.take_along_axis(boxes, flat, axis=1)
+    eye = paddle.eye(classes, dtype=scores.dtype).reshape([1, classes, classes, 1])
+    block = (eye * top_scores.unsqueeze(1)).reshape([0, classes, classes * k])
+    return chosen, block
+
+
+def onnx_multiclass_nms(bboxes, scores, score_threshold: float, nms_top_k: int, keep_top_k: int,
+                        nms_threshold: float = 0.3, normalized: bool = True, nms_eta: float = 1.0,
+                        background_label: int = -1, return_index: bool = False, return_rois_num: bool = True,
+                        rois_num=None, name: Optional[str] = None):
+    """:func:`multiclass_nms` with each class's ``nms_top_k`` boxes chosen first (:func:`per_class_top_k`).
+
+    Raises:
+        ExportError: boxes that are not ``[N, M, 4]`` with scores ``[N, C, M]`` (rotated boxes: ONNX's
+            ``NonMaxSuppression`` compares axis-aligned boxes only; per-box scores ``[M, C]``).
+    """
+    if len(scores.shape) != 3 or len(bboxes.shape) != 3 or bboxes.shape[-1] != 4:
+        what = "rotated boxes (8 coordinates)" if bboxes.shape[-1] == 8 else \
+            f"boxes {list(bboxes.shape)} with scores {list(scores.shape)}"
+        raise ExportError(f"ONNX: multiclass_nms3 on {what} has no ONNX form (ONNX NonMaxSuppression takes "
+                          "axis-aligned boxes [N, M, 4] and scores [N, C, M]); export with --no_nms for ONNX, or "
+                          "without --onnx for Paddle Inference")
+    if float(nms_eta) < 1.0:
+        raise _unsupported("multiclass_nms (ONNX)", "nms_eta", nms_eta, "ONNX NMS has a fixed threshold (1.0)")
+    bboxes, scores = per_class_top_k(bboxes, scores, int(nms_top_k))
+    return multiclass_nms(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
+                          nms_eta, background_label, return_index, return_rois_num, rois_num, name)
+
+
+def onnx_box_coder(prior_box, prior_box_var, target_box, code_type: str = "encode_center_size",
+                   box_normalized: bool = True, axis: int = 0, name: Optional[str] = None):
+    """:func:`box_coder`'s ``decode_center_size`` (``target [N, M, 4]``, priors ``[M, 4]``, ``axis=0``) in
+    elementwise ops, in the kernel's order of operations (paddle2onnx has no ``box_coder``).
+
+    Raises:
+        ExportError: another code type or axis.
+    """
+    if code_type != "decode_center_size" or int(axis) != 0 or len(target_box.shape) != 3:
+        raise ExportError(f"ONNX: box_coder with code_type={code_type}, axis={axis} has no ONNX form in ppfuse "
+                          "(decode_center_size on [N, M, 4] with axis 0 has); export without --onnx")
+    one = 0.0 if box_normalized else 1.0
+    px1, py1, px2, py2 = paddle.split(prior_box.unsqueeze(0), 4, axis=-1)
+    width, height = px2 - px1 + one, py2 - py1 + one
+    cx, cy = px1 + width / 2, py1 + height / 2
+    if _is_tensor(prior_box_var):
+        vx, vy, vw, vh = paddle.split(prior_box_var.unsqueeze(0), 4, axis=-1)
+    else:
+        vx, vy, vw, vh = (float(v) for v in prior_box_var)
+    tx, ty, tw, th = paddle.split(target_box, 4, axis=-1)
+    centre_x = vx * tx * width + cx
+    centre_y = vy * ty * height + cy
+    box_w = paddle.exp(vw * tw) * width
+    box_h = paddle.exp(vh * th) * height
+    return paddle.concat([centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2 - one,
+                          centre_y + box_h / 2 - one], axis=-1)
+
+
+def onnx_matrix_nms(bboxes, scores, score_threshold: float, post_threshold: float, nms_top_k: int,
+                    keep_top_k: int, use_gaussian: bool = False, gaussian_sigma: float = 2.0,
+                    background_label: int = 0, normalized: bool = True, return_index: bool = False,
+                    return_rois_num: bool = True, name: Optional[str] = None):
+    """``matrix_nms`` (SOLOv2's matrix NMS, as Paddle's kernel computes it) in dense ops, for one image.
+
+    Per class: its ``nms_top_k`` best boxes above ``score_threshold`` in score order; ``iou[i, j]`` for
+    ``j < i``; ``decay_i = min_{j<i} f(iou[i, j], max_{l<j} iou[j, l])`` with ``f = (1 - iou) / (1 - iou_max)``
+    (or ``exp((iou_max^2 - iou^2) * sigma)``); the decayed score ``decay_i * score_i`` is kept above
+    ``post_threshold``; all classes' kept boxes by decayed score, the first ``keep_top_k``. Rows ``[class,
+    score, x1, y1, x2, y2]``, ``rois_num [1]``. paddle2onnx has no ``matrix_nms``.
+
+    Raises:
+        ExportError: more than one image per run would be needed (the batch must be 1), or rotated boxes.
+    """
+    if len(scores.shape) != 3 or bboxes.shape[-1] != 4:
+        raise ExportError("ONNX: matrix_nms on boxes that are not [N, M, 4] with scores [N, C, M] has no ONNX "
+                          "form in ppfuse; export with --no_nms for ONNX, or without --onnx")
+    classes, anchors = int(scores.shape[1]), int(scores.shape[2])
+    keep_classes = [c for c in range(classes) if c != int(background_label)]
+    score = scores[0]  # [C, M]: one image (the ONNX program runs batch 1, as paddle2onnx's NMS)
+    if len(keep_classes) != classes:
+        score = paddle.gather(score, paddle.to_tensor(keep_classes, dtype="int64"), axis=0)
+    k = min(int(nms_top_k), anchors) if int(nms_top_k) > 0 else anchors
+    top, index = paddle.topk(score, k, axis=-1)  # [C', k], in score order
+    valid = top > float(score_threshold)
+    boxes = paddle.gather(bboxes[0], index.reshape([-1]), axis=0).reshape([len(keep_classes), k, 4])
+    one = 0.0 if normalized else 1.0
+    x1, y1, x2, y2 = paddle.split(boxes, 4, axis=-1)  # [C', k, 1]
+    area = paddle.clip(x2 - x1 + one, min=0.0) * paddle.clip(y2 - y1 + one, min=0.0)
+    inter_w = paddle.clip(paddle.minimum(x2, x2.transpose([0, 2, 1])) - paddle.maximum(x1, x1.transpose([0, 2, 1]))
+                          + one, min=0.0)
+    inter_h = paddle.clip(paddle.minimum(y2, y2.transpose([0, 2, 1])) - paddle.maximum(y1, y1.transpose([0, 2, 1]))
+                          + one, min=0.0)
+    inter = inter_w * inter_h
+    iou = inter / (area + area.transpose([0, 2, 1]) - inter)  # [C', k, k]
+    below = paddle.tril(paddle.ones([k, k], dtype=iou.dtype), diagonal=-1).unsqueeze(0)  # j < i
+    iou = iou * below
+    iou_max = iou.max(axis=-1)  # [C', k]: box j's largest IoU with a better box
+    column_max = iou_max.unsqueeze(1)  # [C', 1, k] (index j)
+    if use_gaussian:
+        decay = paddle.exp((column_max * column_max - iou * iou) * float(gaussian_sigma))
+    else:
+        decay = (1.0 - iou) / (1.0 - column_max)
+    decay = decay * below + (1.0 - below) * 1e30
+    decay = paddle.clip(decay.min(axis=-1), max=1.0)  # [C', k]; the best box keeps its score
+    decayed = decay * top
+    kept = paddle.logical_and(valid, decayed > float(post_threshold))
+    flat_scores = paddle.where(kept, decayed, paddle.full_like(decayed, -1.0)).reshape([-1])
+    count = len(keep_classes) * k
+    keep = min(int(keep_top_k), count) if int(keep_top_k) > 0 else count
+    best, order = paddle.topk(flat_scores, keep)
+    selected = paddle.nonzero(best > -0.5).reshape([-1])
+    order = paddle.gather(order, selected)
+    labels = paddle.gather(paddle.to_tensor(keep_classes, dtype="float32").unsqueeze(1).expand([-1, k]).reshape([-1]),
+                           order)
+    rows = paddle.concat([labels.unsqueeze(1), paddle.gather(flat_scores, order).unsqueeze(1),
+                          paddle.gather(boxes.reshape([-1, 4]), order)], axis=1)
+    number = paddle.shape(rows)[0:1].astype("int32")
+    return rows, (number if return_rois_num else None), (order.unsqueeze(1) if return_index else None)
+
+
+class PriorBoxes:
+    """What a dygraph run shows and a trace cannot know, recorded (``recording``) for the ONNX program's trace:
+    ``prior_box`` outputs, given back as constants (they depend on the feature map and image sizes only,
+    fixed by the export size; paddle2onnx has no ``prior_box``; Paddle's own kernel computed them, so exact),
+    and the shapes NMS gets (paddle2onnx's NMS needs the box count static; SSD's concatenations leave it
+    open in the trace)."""
+
+    def __init__(self):
+        self.values: list = []
+        self.nms_shapes: list = []
+        self.position = 0
+        self.nms_position = 0
+        self.recording = False
+
+    def rewind(self) -> None:
+        self.position = self.nms_position = 0
+
+    def prior_box(self, *args, **kwargs):
+        if self.recording:
+            boxes, variances = prior_box(*args, **kwargs)
+            self.values.append((boxes.numpy(), variances.numpy()))
+            return boxes, variances
+        if self.position >= len(self.values):
+            raise ExportError("ONNX: prior_box was called more often while tracing than when it was recorded")
+        boxes, variances = self.values[self.position]
+        self.position += 1
+        return paddle.to_tensor(boxes), paddle.to_tensor(variances)
+
+    def static_shapes(self, bboxes, scores):
+        """``bboxes``, ``scores`` reshaped to the shapes recorded for this NMS call (batch left open)."""
+        if self.recording:
+            self.nms_shapes.append((list(bboxes.shape[1:]), list(scores.shape[1:])))
+            return bboxes, scores
+        if self.nms_position >= len(self.nms_shapes):
+            return bboxes, scores
+        box_shape, score_shape = self.nms_shapes[self.nms_position]
+        self.nms_position += 1
+        return bboxes.reshape([-1] + box_shape), scores.reshape([-1] + score_shape)
+
+
+def _add_coord(x, data_format):
+    """ppdet's ``yolo_fpn.add_coord`` (CoordConv's coordinate channels, PP-YOLO) with the batch broadcast by an
+    add to zeros shaped like ``x`` instead of ``expand([b, 1, h, w])`` with a tensor ``b`` (which becomes
+    ``full_batch_size_like``, which paddle2onnx lacks): the same values (0 + v)."""
+    if data_format != "NCHW":
+        return _ADD_COORD[0](x, data_format)
+    h, w = x.shape[2], x.shape[3]
+    gx = paddle.cast(paddle.arange(w) / ((w - 1.) * 2.0) - 1., x.dtype)
+    gy = paddle.cast(paddle.arange(h) / ((h - 1.) * 2.0) - 1., x.dtype)
+    zeros = paddle.zeros_like(x[:, 0:1, :, :])
+    gx = zeros + gx.reshape([1, 1, 1, w])
+    gy = zeros + gy.reshape([1, 1, h, 1])
+    gx.stop_gradient = True
+    gy.stop_gradient = True
+    return gx, gy
+
+
+_ADD_COORD: list = []
+
+
+def _de_sigmoid(x, eps=1e-7):
+    """ppdet's ``yolo_head._de_sigmoid`` (PP-YOLO's IoU-aware objectness) with ``1. / x`` as
+    ``paddle.reciprocal(x)``: the same quotient, without the ``full_batch_size_like`` the scalar division
+    traces to (paddle2onnx lacks it)."""
+    x = paddle.clip(x, eps, 1. / eps)
+    x = paddle.clip(paddle.reciprocal(x) - 1., eps, 1. / eps)
+    return -paddle.log(x)
+
+
+@contextlib.contextmanager
+def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) -> Iterator[None]:
+    """While active (inside :func:`pir_traceable_postprocess`), ppdet's post-processing ops are the ONNX forms
+    of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes),
+    ``matrix_nms`` in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
+    dygraph run) or replayed from ``priors``, and PP-YOLO's CoordConv grid without ``full_batch_size_like``."""
+    from ppdet.modeling import ops
+    from ppdet.modeling.heads import yolo_head
+    from ppdet.modeling.necks import yolo_fpn
+    names = ("multiclass_nms", "matrix_nms", "box_coder", "prior_box")
+    saved = {name: getattr(ops, name) for name in names}
+    saved_coord, saved_de_sigmoid = yolo_fpn.add_coord, yolo_head._de_sigmoid
+    priors = priors if priors is not None else PriorBoxes()
+    priors.recording = record
+
+    def nms(bboxes, scores, *args, **kwargs):
+        bboxes, scores = priors.static_shapes(bboxes, scores)
+        return onnx_multiclass_nms(bboxes, scores, *args, **kwargs)
+
+    def matrix(bboxes, scores, *args, **kwargs):
+        bboxes, scores = priors.static_shapes(bboxes, scores)
+        return onnx_matrix_nms(bboxes, scores, *args, **kwargs)
+    try:
+        ops.multiclass_nms = nms
+        ops.matrix_nms = matrix
+        ops.box_coder = onnx_box_coder
+        ops.prior_box = priors.prior_box
+        _ADD_COORD[:] = [saved_coord]
+        yolo_fpn.add_coord = _add_coord
+        yolo_head._de_sigmoid = _de_sigmoid
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(ops, name, function)
+        yolo_fpn.add_coord = saved_coord
+        yolo_head._de_sigmoid = saved_de_sigmoid
+
+
+@contextlib.contextmanager
+def nms_inputs(store: list) -> Iterator[None]:
+    """While active (inside :func:`pir_traceable_postprocess`), every ``multiclass_nms`` and ``matrix_nms`` call
+    also appends its ``(boxes, scores)`` to ``store``: a detector's raw boxes and scores, the last step before
+    NMS (the plain graph's outputs without NMS)."""
+    from ppdet.modeling import ops
+    saved = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
+
+    def keeping(function):
+        def call(bboxes, scores, *args, **kwargs):
+            store.append((bboxes, scores))
+            return function(bboxes, scores, *args, **kwargs)
+        return call
+    try:
+        for name, function in saved.items():
+            setattr(ops, name, keeping(function))
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(ops, name, function)

@@ -154,6 +154,8 @@ class Runtime(abc.ABC):
         self.options = options
         self.input_names: List[str] = []
         self.output_names: List[str] = []
+        # an ONNX graph with NMS (paddle2onnx's) takes one image per run: a batch is run image by image
+        self.one_image_per_run = False
 
     def _name_outputs(self, own_names: Sequence[str]) -> None:
         self.output_names = output_names(self.model_dir, own_names)
@@ -164,7 +166,12 @@ class Runtime(abc.ABC):
         if missing:
             raise InferenceError(f"the model needs input '{missing[0]}', given {sorted(inputs)}")
         feeds = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
-        return dict(zip(self.output_names, self._run(feeds)))
+        batch = len(feeds[self.input_names[0]]) if self.input_names else 1
+        if not self.one_image_per_run or batch <= 1:
+            return dict(zip(self.output_names, self._run(feeds)))
+        # (bbox [K, 6], bbox_num [1]) per image, concatenated in order: the batch's (bbox, bbox_num)
+        runs = [self._run({n: np.ascontiguousarray(v[i:i + 1]) for n, v in feeds.items()}) for i in range(batch)]
+        return {name: np.concatenate([run[k] for run in runs], axis=0) for k, name in enumerate(self.output_names)}
 
     @abc.abstractmethod
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:

@@ -19,6 +19,7 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from ppfuse.errors import InferenceError, require_module
+from ppfuse.export_format import read_report
 from ppfuse.export_format import INT8_ONNX_FILE, ONNX_FILE
 from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options, int8_isa
 
@@ -88,6 +89,7 @@ class OnnxRuntime(Runtime):
         self.session = create_session(self.path, self.options.cpu_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._name_outputs([o.name for o in self.session.get_outputs()])
+        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False))
 
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
         return self.session.run(None, feeds)

@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from ppfuse.errors import InferenceError, require_module
+from ppfuse.export_format import read_report
 from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
 from ppfuse.runtime.onnx_runtime import int8_report, onnx_path
 
@@ -58,6 +59,7 @@ class OpenVINO(Runtime):
         self.version = ov.__version__.split("-")[0]
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self._name_outputs([o.get_any_name() for o in self.compiled.outputs])
+        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False))
 
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
         results = self.request.infer(feeds)

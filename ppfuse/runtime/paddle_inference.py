@@ -1,8 +1,8 @@
 """Paddle Inference: predictor settings, bf16 through oneDNN, and the precision oneDNN really ran.
 
 Default settings on CPU are the fastest measured to give the same detections
-on every run: oneDNN on with all of Paddle Inference's passes (oneDNN off was
-3-4x slower on PP-YOLOE+ s and l). :class:`~ppfuse.runtime.base.RuntimeOptions`
+on every run: oneDNN on with all of Paddle Inference's passes (oneDNN off is
+far slower on PP-YOLOE; results/benchmark/ has the figures). :class:`~ppfuse.runtime.base.RuntimeOptions`
 lets a user change each of them.
 
 Not a default, though once measured as a lever: oneDNN with

@@ -1,0 +1,129 @@
+"""``--onnx`` for detector families other than PP-YOLOE: the export writes model.onnx and checks it, and
+ONNX Runtime and OpenVINO give Paddle Inference's detections -- with the two-input export and the plain
+graph (``--image_only``), with and without NMS. Random weights at the family tests' size (192).
+
+Tolerances: raw outputs (``--no_nms``, boxes in pixels and scores, on the export check's kind of input) within
+the export's check of them (boxes 1e-3 of the input size plus 1e-4 of the value: YOLOv3's pass through exp();
+scores 1e-3, the export's tenfold check of them) in both runtimes; detections after NMS paired one to one with Paddle
+Inference's (same class, corners within 0.05 px, scores within 1e-3) in every runtime.
+
+The image is low-contrast gray: on a noise image random weights saturate the scores at 1.0, and NMS among
+tied boxes keeps arbitrary ones (ONNX Runtime and Paddle Inference keep different ones), so detections after
+NMS are not determined there. ``_same_detections`` first asserts that the reference's scores are below
+saturation, so the comparison it makes is one the models determine.
+Skipped without the [onnx] / [openvino] extras. Long cases are marked slow.
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from ppfuse import runtime
+from ppfuse.deploy.inference import Detector
+from ppfuse.errors import ConfigError, ExportError
+from ppfuse.measure import coverage
+from ppfuse.measure.runtime_parity import match_detections
+from ppfuse.ppdet import detection, export
+
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("paddle2onnx", "onnxruntime")),
+    reason="ONNX tests need the [onnx] extra: pip install -e '.[onnx]'")
+SIZE = 192
+OPENVINO = importlib.util.find_spec("openvino") is not None
+RUNTIMES = ["onnxruntime"] + (["openvino"] if OPENVINO else [])
+
+
+def _export(tmp_path, path, **kwargs):
+    config = detection.load_config(os.path.join(ROOT, path), coverage.size_overrides(SIZE) + ["weights="])
+    return export.export(config, str(tmp_path), onnx=True, log=lambda *_: None, **kwargs).directory
+
+
+def _image(seed=0):
+    """Gray 128 +- 8: random weights give unsaturated scores on it (a noise image gives 1.0 everywhere)."""
+    noise = np.random.RandomState(seed).randint(-8, 8, (150, 230, 3))
+    return (128 + noise).astype("uint8")
+
+
+SATURATED = 0.999  # a score this high is treated as tied with others: NMS among ties is not determined
+
+
+def _same_detections(directory, name):
+    reference = Detector(directory).predict(_image())
+    assert len(reference.scores) > 0 and reference.scores.max() < SATURATED, \
+        f"scores saturate ({reference.scores.max()}): NMS among tied boxes is arbitrary, nothing to compare"
+    found = Detector(directory, runtime=name).predict(_image())
+    match = match_detections(reference, found, box_tolerance=0.05)
+    assert match.same and match.max_score_diff <= 1e-3, (name, match)
+    return match
+
+
+def _same_raw(directory, name):
+    image = np.random.RandomState(3).uniform(0, 1, (2, 3, SIZE, SIZE)).astype("float32")  # as the export's check
+    reference = runtime.load(directory, "paddle").run({"image": image})
+    got = runtime.load(directory, name).run({"image": image})
+    assert list(got) == list(reference) == ["boxes", "scores"]
+    finite = np.isfinite(reference["boxes"]) & (np.abs(reference["boxes"]) < 1e30)
+    np.testing.assert_allclose(got["boxes"][finite], reference["boxes"][finite], atol=1e-3 * SIZE, rtol=1e-4,
+                               err_msg=f"{name}: boxes")
+    np.testing.assert_allclose(got["scores"], reference["scores"], atol=1e-3, rtol=1e-4, err_msg=f"{name}: scores")
+
+
+CASES = [  # (config, marks): small models in the default run, the rest slow
+    ("configs/picodet/picodet_s_320_coco_lcnet.yml", []),
+    ("configs/yolov3/yolov3_mobilenet_v1_270e_coco.yml", []),
+    ("configs/ssd/ssdlite_mobilenet_v3_small_320_coco.yml", [pytest.mark.slow]),  # prior boxes as constants
+    ("configs/ppyolo/ppyolo_tiny_650e_coco.yml", [pytest.mark.slow]),
+    ("configs/yolox/yolox_s_300e_coco.yml", [pytest.mark.slow]),
+    ("configs/detr/detr_r50_1x_coco.yml", [pytest.mark.slow]),  # no NMS: a top-k in the graph
+]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=m, id=os.path.basename(p)[:-4]) for p, m in CASES])
+def test_family_onnx_gives_paddle_inference_detections(tmp_path, path):
+    directory = _export(tmp_path / "two_inputs", path)
+    report = __import__("json").load(open(os.path.join(directory, "ppfuse_report.json")))
+    assert report["onnx"]["nodes"].get("BatchNormalization", 0) == 0
+    for name in RUNTIMES:
+        _same_detections(directory, name)
+
+
+PLAIN_CASES = [(CASES[0][0], []), (CASES[1][0], [pytest.mark.slow]), CASES[2]]  # one in the default run
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=m, id=os.path.basename(p)[:-4]) for p, m in PLAIN_CASES])
+def test_family_plain_graph_in_every_runtime(tmp_path, path):
+    """--image_only: one input; with NMS the detections pair; without, the raw boxes and scores agree for a
+    batch of two."""
+    with_nms = _export(tmp_path / "nms", path, image_only=True)
+    for name in ["paddle"] + RUNTIMES:
+        assert runtime.load(with_nms, name).input_names == ["image"]
+    for name in RUNTIMES:
+        _same_detections(with_nms, name)
+    raw = _export(tmp_path / "raw", path, image_only=True, with_nms=False)
+    for name in RUNTIMES:
+        _same_raw(raw, name)
+
+
+def test_plain_graph_without_nms_of_a_top_k_family_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"calls no NMS .* export --image_only without --no_nms"):
+        _export(tmp_path, "configs/detr/detr_r50_1x_coco.yml", image_only=True, with_nms=False)
+
+
+def test_an_operator_paddle2onnx_lacks_is_named_in_one_line(tmp_path, monkeypatch):
+    """A program with an operator outside paddle2onnx's list is converted in a child process (paddle2onnx
+    aborts the process on it) and the failure names the operator."""
+    import paddle
+
+    from ppfuse.deploy import onnx_support
+    from ppfuse.export_format import MODEL_FILE
+    directory = str(tmp_path / "ok")  # any saved program: the list of operators is patched below
+    paddle.jit.save(paddle.nn.Linear(2, 2), os.path.join(directory, MODEL_FILE),
+                    input_spec=[paddle.static.InputSpec([1, 2], "float32", "x")])
+    monkeypatch.setattr(onnx_support, "unconvertible_ops", lambda model_dir: ["matrix_nms"])
+    monkeypatch.setattr(onnx_support, "_paddle2onnx", None)  # the child cannot run it either
+    import subprocess
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: type("Done", (), {"returncode": 1, "stdout": ""})())
+    with pytest.raises(ExportError, match=r"^paddle2onnx cannot convert pd_op.matrix_nms \(not among its operators\)"):
+        onnx_support.to_onnx(directory, str(tmp_path / "x.onnx"))
