@@ -52,7 +52,7 @@ from ppfuse.core import checkpoint, layers
 
 from ppfuse.ppdet import detectors
 from ppfuse.ppdet.detection import BuiltModel, DetectionConfig, build_model
-from ppfuse.errors import ConfigError, ExportError, VerificationError
+from ppfuse.errors import ConfigError, ExportError, PPFuseError, VerificationError, first_line
 from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_OUTPUTS, ONNX_FILE, PARAMS_FILE,
                                   RAW_OUTPUTS,
                             PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, REPORT_FILE,
@@ -151,7 +151,15 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
             wrapper.eval()
             static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, names),
                                           full_graph=True)
-            used = inputs_used(static.forward.concrete_program)
+            try:
+                used = inputs_used(static.forward.concrete_program)
+            except PPFuseError:
+                raise
+            except Exception as exc:  # a model (its post-processing, say) that to_static cannot trace
+                from paddle.jit.dy2static import error as dy2static_error
+                context = exc.__context__ if hasattr(exc.__context__, dy2static_error.ERROR_DATA) else exc
+                raise ExportError(f"{type(model).__name__}: tracing it for export failed: {first_line(context)}; "
+                                  "ppfuse cannot export this model's forward as it stands") from None
             if used == names:
                 break
             names = used
