@@ -107,7 +107,7 @@ def run(argv):
     from ppfuse.errors import PPFuseError, first_line
     from ppfuse.ppdet import detection, export
     commit = getattr(ppdet, "__git_commit__", None) or "unknown"
-    rows, data = [], []
+    rows = []
     for name in args.config:
         path = os.path.join(ppdet_dir, name)
         row = {"config": name, "ppfuse": None, "converted": None, "left": None, "verification": None,
@@ -147,7 +147,6 @@ def run(argv):
               + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items())
               + "".join(f"; {k} does not run: {v}" for k, v in row["not_run"].items()))
         rows.append(row)
-        data.append(row)
 
     cells = ["ppfuse oneDNN", "ppfuse no oneDNN", "own oneDNN", "own no oneDNN"]
 
@@ -167,7 +166,7 @@ def run(argv):
                                      [[r["config"]] + [latency(r, c) for c in cells] for r in rows]))
     print(body)
     written = results.write("ppdet_source", "ppfuse on a PaddleDetection source checkout", body,
-                            {"ppdet_dir": ppdet_dir, "commit": commit, "rows": data}, results_dir,
+                            {"ppdet_dir": ppdet_dir, "commit": commit, "rows": rows}, results_dir,
                             results.command_line("tools/ppdet_source.py", argv))
     if written:
         print(f"wrote {written}")

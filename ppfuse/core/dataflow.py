@@ -38,7 +38,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ppfuse.core import layers
+from ppfuse.core import layers, verify
 from ppfuse.errors import ConversionError, first_line
 
 CONV_OPS = {"conv1d", "conv2d", "conv3d", "depthwise_conv2d", "conv2d_transpose", "conv3d_transpose",
@@ -291,25 +291,9 @@ def trace(model: nn.Layer, input_spec: Sequence[paddle.static.InputSpec]) -> Tra
     return Trace(program, dict(uses), [v for v in _flat(concrete.outputs) if v is not None])
 
 
-def _flat(values, seen=None) -> list:
+def _flat(values) -> list:
     """The program values in a traced forward's output, in whatever container it returned them."""
-    seen = set() if seen is None else seen
-    if values is None or id(values) in seen:
-        return []
-    if hasattr(values, "is_same") and hasattr(values, "get_defining_op"):
-        return [values]
-    seen.add(id(values))
-    if isinstance(values, dict):
-        items = list(values.values())
-    elif isinstance(values, (list, tuple, set, frozenset)):
-        items = list(values)
-    elif hasattr(values, "__dict__") or hasattr(type(values), "__slots__"):
-        items = list(vars(values).values()) if hasattr(values, "__dict__") else []
-        items += [getattr(values, slot) for klass in type(values).__mro__
-                  for slot in getattr(klass, "__slots__", ()) if isinstance(slot, str) and hasattr(values, slot)]
-    else:
-        return []
-    return [v for item in items for v in _flat(item, seen)]
+    return list(verify.leaves(values, lambda v: hasattr(v, "is_same") and hasattr(v, "get_defining_op")).values())
 
 
 def inputs_from_spec(input_spec: Sequence[paddle.static.InputSpec], seed: int = 0) -> List[paddle.Tensor]:

@@ -171,13 +171,12 @@ def float64_copy(model):
 _SCALARS = (str, bytes, bool, int, float, complex, np.generic, type(None))
 
 
-def flatten_outputs(out: Any, prefix: str = "out", _seen: Optional[set] = None) -> Dict[str, np.ndarray]:
-    """Every tensor of a nested output as ``{path: array}``, in any container: a tensor or array, a mapping,
-    a list or tuple (a namedtuple too), a dataclass, or any other object by its attributes (``vars`` and
+def leaves(out: Any, is_leaf: Callable[[Any], bool], prefix: str = "out",
+           _seen: Optional[set] = None) -> Dict[str, Any]:
+    """``{path: leaf}`` of every value ``is_leaf`` accepts in a nested output, in any container: a mapping, a
+    list or tuple (a namedtuple too), a set, a dataclass, or any other object by its attributes (``vars`` and
     ``__slots__``) -- an output nothing is read from would make a comparison compare nothing."""
-    if isinstance(out, paddle.Tensor):
-        return {prefix: out.numpy()}
-    if isinstance(out, np.ndarray):
+    if is_leaf(out):
         return {prefix: out}
     if isinstance(out, _SCALARS) or callable(out) and not hasattr(out, "__dict__"):
         return {}
@@ -202,8 +201,14 @@ def flatten_outputs(out: Any, prefix: str = "out", _seen: Optional[set] = None) 
         items = sorted(attributes.items())
     flat = {}
     for key, value in items:
-        flat.update(flatten_outputs(value, f"{prefix}.{key}", seen))
+        flat.update(leaves(value, is_leaf, f"{prefix}.{key}", seen))
     return flat
+
+
+def flatten_outputs(out: Any, prefix: str = "out") -> Dict[str, np.ndarray]:
+    """Every tensor of a nested output (in any container, see :func:`leaves`) as ``{path: array}``."""
+    return {path: value.numpy() if isinstance(value, paddle.Tensor) else value
+            for path, value in leaves(out, lambda v: isinstance(v, (paddle.Tensor, np.ndarray)), prefix).items()}
 
 
 def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],

@@ -233,16 +233,21 @@ class Detector:
         return list(self.runtime.run(self.preprocess(image_bgr)).values())
 
     def predict(self, image_bgr: np.ndarray) -> Detections:
-        feeds = self.preprocess(image_bgr)
+        return self.detections(self.preprocess(image_bgr))[0]
+
+    def detections(self, feeds: Dict[str, np.ndarray]) -> List[Detections]:
+        """The runtime's detections for preprocessed ``feeds`` (a batch of one or more images), one
+        :class:`Detections` per image, boxes in pixels of the original images."""
         outputs = list(self.runtime.run(feeds).values())
         if len(outputs) != 2 or read_report(self.model_dir).get("with_nms") is False:
             raise InferenceError(f"{self.model_dir}: expected (bbox, bbox_num) outputs; export with NMS (no "
                                  "--no_nms) to run on images")
-        found = split_detections(outputs[0], outputs[1], self.labels)[0]
+        found = split_detections(outputs[0], outputs[1], self.labels)
         if self.image_only:  # input pixels -> image pixels: the plain graph's scale factors are 1
-            scale_y, scale_x = (float(v) for v in np.asarray(feeds["scale_factor"]).reshape(-1)[:2])
-            found.boxes = (found.boxes / np.array([scale_x, scale_y, scale_x, scale_y], "float32")).astype(
-                found.boxes.dtype)
+            scales = np.asarray(feeds["scale_factor"], "float32").reshape(len(found), -1)
+            for detections, (scale_y, scale_x) in zip(found, scales[:, :2]):
+                detections.boxes = (detections.boxes / np.array([scale_x, scale_y, scale_x, scale_y], "float32")
+                                    ).astype(detections.boxes.dtype)
         return found
 
 

@@ -78,25 +78,12 @@ class BatchDetector:
 
     def _run(self, feeds: Sequence[Dict[str, np.ndarray]]) -> List[inference.Detections]:
         if len(feeds) == 1 or not self.batched:
-            found = [self.detector_outputs(feed)[0] for feed in feeds]
-        else:
-            stacked = {key: np.concatenate([feed[key] for feed in feeds]) for key in feeds[0]}
-            found = self.detector_outputs(stacked)
-            if len(found) != len(feeds):
-                raise RuntimeError(f"the runtime returned {len(found)} results for {len(feeds)} images")
-        if getattr(self.detector, "image_only", False):
-            # as Detector.predict does for a plain-graph export (boxes in input pixels, scale factors 1)
-            for detections, feed in zip(found, feeds):
-                scale_y, scale_x = (float(v) for v in np.asarray(feed["scale_factor"]).reshape(-1)[:2])
-                detections.boxes = (detections.boxes / np.array([scale_x, scale_y, scale_x, scale_y], "float32")
-                                    ).astype(detections.boxes.dtype)
+            return [self.detector.detections(feed)[0] for feed in feeds]
+        stacked = {key: np.concatenate([feed[key] for feed in feeds]) for key in feeds[0]}
+        found = self.detector.detections(stacked)
+        if len(found) != len(feeds):
+            raise RuntimeError(f"the runtime returned {len(found)} results for {len(feeds)} images")
         return found
-
-    def detector_outputs(self, feed: Dict[str, np.ndarray]) -> List[inference.Detections]:
-        outputs = list(self.detector.runtime.run(feed).values())
-        if len(outputs) != 2:
-            raise InferenceError(NO_NMS.format(self.spec.model_dir))
-        return inference.split_detections(outputs[0], outputs[1], self.detector.labels)
 
     def detect(self, feeds: Sequence[Dict[str, np.ndarray]], sizes: Sequence[Sequence[int]],
                thresholds: Optional[Sequence[Optional[float]]] = None) -> List[dict]:
