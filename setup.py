@@ -49,8 +49,9 @@ setup(
         "onnx": ONNX,
         # OpenVINO runs the export's model.onnx (write it with --onnx, which needs the onnx extra too)
         "openvino": ["openvino==2026.4.1"],
-        # int8 (tools/quantize.py): ONNX Runtime's static quantization imports ml_dtypes
-        "int8": ONNX + ["ml_dtypes"],
+        # int8 (tools/quantize.py): ONNX Runtime's static quantization imports ml_dtypes; NNCF (OpenVINO's
+        # quantizer, needs numpy >= 1.24) writes model_int8.xml for OpenVINO
+        "int8": ONNX + ["ml_dtypes", "openvino==2026.4.1", "nncf==3.4.0"],
         # batch detection (Ray Data) and serving (Ray Serve): ppfuse.scale, tools/batch_infer.py, tools/serve.py
         "scale": ["ray[data,serve]==2.60.0"],
     },

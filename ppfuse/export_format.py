@@ -11,7 +11,11 @@ An export directory (``tools/export_deploy.py``)::
                                   Inference with oneDNN off (its plain CPU kernels run that form
                                   faster); reads model.pdiparams
     model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO
-    model_int8.onnx               tools/quantize.py: model.onnx quantized to int8 (QDQ), for the same two
+    model.xml, model.bin          with --onnx and the [openvino] extra: model.onnx as OpenVINO IR (OpenVINO
+                                  loads it without converting the ONNX file on every load)
+    model_int8.onnx               tools/quantize.py: model.onnx quantized to int8 (QDQ), for ONNX Runtime
+    model_int8.xml, model_int8.bin  tools/quantize.py: model.onnx quantized by NNCF, for OpenVINO (without it
+                                  OpenVINO runs model_int8.onnx)
     infer_cfg.yml                 PaddleDetection's deploy config (preprocessing, labels)
     model_deploy.pdparams         the converted checkpoint
     ppfuse_report.json            what was converted and verified, the program's forms
@@ -31,6 +35,8 @@ PLAIN_MODEL_FILE = "model_plain"  # the prefix of the oneDNN-off program; its we
 PLAIN_PROGRAM_FILE = PLAIN_MODEL_FILE + ".json"
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model_int8.onnx"  # written by ppfuse.deploy.quantize, recorded in the report under "int8"
+OPENVINO_FILE = "model.xml"  # OpenVINO IR of ONNX_FILE (its weights: model.bin), written by the export
+INT8_OPENVINO_FILE = "model_int8.xml"  # OpenVINO's int8 model (NNCF), written by ppfuse.deploy.quantize
 INFER_CFG = "infer_cfg.yml"
 DEPLOY_CHECKPOINT = "model_deploy.pdparams"
 REPORT_FILE = "ppfuse_report.json"

@@ -71,7 +71,9 @@ def test_bilinear_x2_rewrite_matches_interpolate(shape):
     dict(size=[8, 9], mode="nearest"), dict(size=[3, 4], mode="nearest"), dict(size="tensor", mode="nearest"),
     dict(scale_factor=2, mode="bilinear", align_corners=True), dict(size=[8, 11], mode="bilinear", align_corners=True),
     dict(size=[8, 11], mode="bilinear"), dict(scale_factor=1.5, mode="bilinear"),
-    dict(size=[9, 3], mode="bilinear", align_mode=1)], ids=str)
+    dict(size=[9, 3], mode="bilinear", align_mode=1),
+    # an integer multiple that is no bilinear x2 (PP-YOLOE-Seg's mask upsampling: 4x) and a x2 with align_corners
+    dict(size=[20, 28], mode="bilinear"), dict(size=[10, 14], mode="bilinear", align_corners=True)], ids=str)
 def test_any_nearest_or_bilinear_resize_is_rewritten_to_match_interpolate(kwargs):
     """Sizes that are no integer multiple, sizes given as a tensor (BlazeFace's FPN), align_corners (CenterNet's
     DLA neck): gathers and weighted sums, equal to Paddle's op (nearest exactly)."""

@@ -28,7 +28,7 @@ from ppfuse.deploy import quantize
 from ppfuse.measure import sqnr
 from ppfuse import runtime
 from ppfuse.errors import ConfigError, InferenceError
-from ppfuse.export_format import INT8_ONNX_FILE, read_report
+from ppfuse.export_format import INT8_ONNX_FILE, INT8_OPENVINO_FILE, read_report
 from test_errors import INFER, expect_error, load_tool, run_tool
 from test_runtime import nms_export  # noqa: F401  (a pytest fixture: an export with NMS and model.onnx, an image)
 
@@ -43,6 +43,8 @@ QUANTIZE = load_tool("quantize")
 QUANTIZATION_ERROR = load_tool("quantization_error")
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(not runtime.available(name), reason=f"needs {name}"))
             for name in ("onnxruntime", "openvino")]
+NNCF = importlib.util.find_spec("nncf") is not None and runtime.available("openvino")
+needs_nncf = pytest.mark.skipif(not NNCF, reason="needs NNCF and OpenVINO (the [int8] extra)")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,71 @@ def test_a_float_conv_is_counted_never_hidden(raw_export, images, tmp_path, name
             shutil.copy(os.path.join(directory, "model.onnx"), target / INT8_ONNX_FILE)
         report = runtime.load(str(target), name, runtime.RuntimeOptions(precision="int8")).confirm_precision(inputs)
         assert report.ran == ran and f"{expected} of {CONVS} convolutions int8" in report.detail, report.line()
+
+
+def _runtime_layers(model) -> dict:
+    """Layers of an OpenVINO runtime (compiled) model by (layer type, runtime precision)."""
+    from collections import Counter
+    return Counter((op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                   for op in model.compiled.get_runtime_model().get_ordered_ops())
+
+
+@needs_nncf
+def test_openvino_runs_nncfs_model_and_the_qdq_file_on_request(raw_export):
+    """OpenVINO runs NNCF's model_int8.xml by default and says so; int8_model picks the QDQ file. Both are
+    int8 quantizations of one network: each near fp32, not equal to it, not equal to each other."""
+    directory, quantized, inputs = raw_export
+    assert quantized.openvino_path == os.path.join(directory, INT8_OPENVINO_FILE)
+    assert quantized.openvino_quantized_convs == CONVS
+    assert os.path.isfile(quantized.openvino_path) and os.path.isfile(quantized.openvino_path[:-4] + ".bin")
+    record = read_report(directory)["int8"]
+    assert record["openvino_file"] == INT8_OPENVINO_FILE and record["openvino"] == "nncf"
+    fp32 = runtime.load(directory, "openvino").run(inputs)
+    outputs = {}
+    for name, options in (("nncf", runtime.RuntimeOptions(precision="int8")),
+                          ("qdq", runtime.RuntimeOptions(precision="int8", int8_model=INT8_ONNX_FILE))):
+        model = runtime.load(directory, "openvino", options)
+        report = model.confirm_precision(inputs)
+        expected = INT8_OPENVINO_FILE if name == "nncf" else INT8_ONNX_FILE
+        assert model.source == expected and f"runtime model of {expected}" in report.detail, report.line()
+        assert report.ran == "int8" and f"{CONVS} of {CONVS} convolutions int8" in report.detail, report.line()
+        outputs[name] = model.run(inputs)
+        error = np.abs(outputs[name]["scores"] - fp32["scores"])
+        assert 0 < error.mean() <= INT8_MEAN["scores"], (name, error.mean())
+    assert not np.array_equal(outputs["nncf"]["scores"], outputs["qdq"]["scores"])
+    with pytest.raises(InferenceError, match=r"int8 model model_int8.bin: use model_int8.xml or model_int8.onnx"):
+        runtime.load(directory, "openvino", runtime.RuntimeOptions(precision="int8", int8_model="model_int8.bin"))
+
+
+@pytest.mark.skipif(not runtime.available("openvino"), reason="needs openvino")
+def test_openvino_keeps_the_zero_points_inside_the_int8_convolutions(raw_export):
+    """Regression (found by the per-node profile): OpenVINO reading model_int8.onnx with Core.read_model left
+    an f32 zero-point subtraction (Eltwise) and a reference Convert per quantized conv; converted by
+    openvino.convert_model, as ppfuse loads it, the zero points go into the int8 convolutions."""
+    directory, _, _ = raw_export
+    model = runtime.load(directory, "openvino", runtime.RuntimeOptions(precision="int8", int8_model=INT8_ONNX_FILE))
+    layers = _runtime_layers(model)
+    converts = sum(n for (kind, _), n in layers.items() if kind == "Convert")
+    float_eltwise = layers.get(("Eltwise", "f32"), 0)
+    print(f"\nruntime model of {INT8_ONNX_FILE}: {converts} Convert, {float_eltwise} f32 Eltwise, "
+          f"{layers.get(('Convolution', 'u8'), 0)} u8 convolutions")
+    assert layers.get(("Convolution", "u8"), 0) == CONVS
+    assert converts < CONVS // 10 and float_eltwise < CONVS // 2, layers
+
+
+def test_qdq_choice_removes_an_old_nncf_model(raw_export, images, tmp_path):
+    """--openvino_int8 qdq leaves no model_int8.xml behind that OpenVINO would run instead."""
+    directory, _, inputs = raw_export
+    copy = str(tmp_path / "copy")
+    shutil.copytree(directory, copy)
+    open(os.path.join(copy, INT8_OPENVINO_FILE), "w").close()  # an earlier run's file
+    result = quantize.quantize_export(copy, images, quantize.QuantizeSettings(images=2, openvino="qdq"),
+                                      log=lambda *_: None)
+    assert result.openvino_path is None and not os.path.exists(os.path.join(copy, INT8_OPENVINO_FILE))
+    assert read_report(copy)["int8"]["openvino_file"] == INT8_ONNX_FILE
+    if runtime.available("openvino"):
+        model = runtime.load(copy, "openvino", runtime.RuntimeOptions(precision="int8"))
+        assert model.source == INT8_ONNX_FILE
 
 
 # --- SQNR -------------------------------------------------------------------------------------------------------
@@ -238,6 +305,8 @@ def test_int8_errors_are_one_line(nms_export, images, tmp_path, capsys, monkeypa
     assert not os.path.exists(results)  # no result file for a run that failed
     expect_error(QUANTIZE, ["--model_dir", directory, "--image_dir", images, "--calibration", "magic"], capsys,
                  r"^error: --calibration magic: use one of minmax, entropy, percentile")
+    expect_error(QUANTIZE, ["--model_dir", directory, "--image_dir", images, "--openvino_int8", "ir"], capsys,
+                 r"^error: --openvino_int8 ir: use nncf or qdq")
     expect_error(INFER, ["--model_dir", directory, "--image_file", image, "--precision", "int8",
                          "--output_dir", str(tmp_path / "p")], capsys,
                  r"^error: --precision int8: use fp32, bf16 \(CPU\) or fp16 \(GPU\) with --runtime paddle")

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import ROOT
 from ppfuse import runtime
+from ppfuse.export_format import read_report
 from ppfuse.deploy import forms
 from ppfuse.errors import ExportError, InferenceError
 from ppfuse.ppdet import detection, detectors, export
@@ -134,6 +135,24 @@ def test_every_runtime_gives_paddle_fp32_outputs(raw_export, name, precision):
         for key, error in errors.items():
             assert error.mean() <= BF16_MEAN[key] and error.max() <= BF16_MAX[key], (key, error.mean(), error.max())
         assert errors["scores"].max() > 0, "bf16 gave fp32's numbers exactly: bf16 did not run"
+
+
+@pytest.mark.skipif(not (ONNX_EXTRA and runtime.available("openvino")), reason="needs the onnx and openvino extras")
+def test_openvino_loads_the_exports_ir_with_the_onnx_files_numbers(raw_export, tmp_path):
+    """The export writes OpenVINO's IR beside model.onnx (weights kept fp32, not save_model's default fp16);
+    OpenVINO loads it, and gives what it gives converting model.onnx itself (the test above: Paddle's)."""
+    import shutil
+    directory, inputs, _ = raw_export
+    assert read_report(directory)["onnx"]["openvino_ir"] == "model.xml"
+    with_ir = runtime.load(directory, "openvino")
+    assert with_ir.source == "model.xml"
+    without = str(tmp_path / "onnx_only")
+    shutil.copytree(directory, without, ignore=shutil.ignore_patterns("model.xml", "model.bin"))
+    converted = runtime.load(without, "openvino")
+    assert converted.source == "model.onnx"
+    a, b = with_ir.run(inputs), converted.run(inputs)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6 * float(np.abs(b[key]).max()))
 
 
 @pytest.mark.parametrize("name, precision", list(cases()))

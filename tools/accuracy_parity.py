@@ -3,7 +3,7 @@
     python tools/accuracy_parity.py [-c configs/shapes/ppyoloe_plus_crn_s_shapes.yml] [--epochs N] \
         [--train_images 300 --val_images 100] [--output_dir output/shapes] [--weights PATH] [-o key=value ...] \
         [--runtimes paddle onnxruntime openvino] [--precisions fp32 bf16 int8] [--calibration_images 32] [--per_tensor]
-        [--activation_type uint8|int8] [--symmetric_activations] [--retrain]
+        [--activation_type uint8|int8] [--symmetric_activations] [--openvino_int8 nncf|qdq] [--retrain]
 
 1. writes the generated shapes dataset the config points at (dataset/shapes: train seed 0,
    val seed 1) unless it is already there;
@@ -14,8 +14,9 @@
 4. exports with ppfuse (with model.onnx when the [onnx] extra is installed) ->
    <output_dir>/inference/<config name>/ and runs every val image through every runtime x precision
    (Paddle Inference fp32 and bf16, ONNX Runtime fp32, OpenVINO fp32 and bf16; int8 when asked
-   for: ONNX Runtime and OpenVINO on model_int8.onnx, quantized as tools/quantize.py does on the
-   first --calibration_images training images) into the same COCOMetric; a runtime whose extra is
+   for: ONNX Runtime on model_int8.onnx, OpenVINO on NNCF's model_int8.xml (--openvino_int8 qdq:
+   on model_int8.onnx too), quantized as tools/quantize.py does on the first --calibration_images
+   training images) into the same COCOMetric; a runtime whose extra is
    missing, or bf16 on a CPU without bf16 instructions, is skipped with one line saying so;
 5. prints a Markdown table (and what bf16 costs per runtime) and writes it to
    <output_dir>/accuracy.md (numbers: accuracy.json), and as a dated result to
@@ -35,6 +36,7 @@ if "--debug" not in sys.argv:  # Paddle's import warns that ccache is missing; n
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402
+from ppfuse.deploy.quantize import OPENVINO_INT8_HELP  # noqa: E402
 
 DEFAULT_CONFIG = "configs/shapes/ppyoloe_plus_crn_s_shapes.yml"
 # model.onnx (for ONNX Runtime and OpenVINO) is written and checked with the [onnx] extra
@@ -69,7 +71,8 @@ def run(argv):
                         "(default fp32 bf16)")
     parser.add_argument("--activation_type", default="uint8", help="int8: uint8 (default) or int8 activations")
     parser.add_argument("--symmetric_activations", action="store_true", help="int8: activation ranges symmetric "
-                        "around 0 (with --activation_type int8: zero point 0, which OpenVINO runs fastest)")
+                        "around 0 (with --activation_type int8: zero point 0; NNCF: its PERFORMANCE preset)")
+    parser.add_argument("--openvino_int8", default="nncf", help="int8: " + OPENVINO_INT8_HELP)
     parser.add_argument("--per_tensor", action="store_true", help="int8: one weight scale per conv kernel "
                         "instead of one per output channel (where re-parameterized convs suffer most)")
     parser.add_argument("--calibration_images", type=int, default=32, help="int8: calibration images, the first of "
@@ -132,7 +135,8 @@ def run(argv):
         calibration = evaluation.dataset_split(config, "TrainDataset").images
         settings = quantize.QuantizeSettings(images=args.calibration_images, per_channel=not args.per_tensor,
                                              activation_type=args.activation_type,
-                                             symmetric_activations=args.symmetric_activations)
+                                             symmetric_activations=args.symmetric_activations,
+                                             openvino=args.openvino_int8)
         quantized = quantize.quantize_export(exported.directory, calibration, settings, log=log)
         log(quantized.line())
     scores = [training_form]

@@ -9,6 +9,8 @@ for that path), ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and int8 -- each
 run here (extras installed; bf16 on a CPU with bf16 instructions), the others listed with the reason.
 The CPU model and its ISA flags (avx512_bf16, AMX) head the tables. A run that follows another runtime's
 run waits 0.3 s first, so that runtime's spinning threads do not take the cores (ppfuse/measure/benchmark.py).
+Then the fastest fp32, bf16 and int8 rows of ppfuse deploy (batch 1) run again, beside the ppdet path, at
+--throughput_batches (1 2 4 8): images per second at serving batch sizes.
 Writes output_dir/benchmark.md (tables) and output_dir/benchmark.png (chart), and the dated result
 <results_dir>/benchmark/<date>_<cpu>.md and .json (--results_dir '' or --no_results: none).
 """
@@ -33,6 +35,9 @@ def run(argv):
     parser.add_argument("--runs", type=int, default=30, help="timed runs per cell (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--throughput_batches", type=int, nargs="*", default=[1, 2, 4, 8], metavar="N",
+                        help="batch sizes of the throughput table (images/s of the fastest fp32, bf16 and int8 "
+                        "rows; default 1 2 4 8; none: no table)")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--with_nms", action="store_true", help="time the whole detector, NMS included "
                         "(default: up to boxes and scores; random weights give NMS unrealistically many boxes)")
@@ -55,7 +60,8 @@ def run(argv):
         workdir = os.path.join(args.output_dir, config.name)
         runs.append(benchmark.run_benchmark(config, workdir, args.threads, args.runs, args.warmup,
                                             tuple(args.batches), not args.no_memory, ROOT, args.with_nms,
-                                            args.delete_passes, log=lambda m: print(m, file=sys.stderr)))
+                                            args.delete_passes, log=lambda m: print(m, file=sys.stderr),
+                                            throughput_batches=tuple(args.throughput_batches)))
     header = (f"## Benchmark, {datetime.date.today().isoformat()}\n\n{benchmark.machine_description(args.threads)}; "
               f"{args.runs} timed runs per cell after {args.warmup} warm-up, rounds interleaved.\n"
               f"Command: `python tools/benchmark.py {' '.join(argv)}`\n\n")

@@ -1,15 +1,18 @@
-"""Quantize an export to int8: model_int8.onnx (QDQ) next to its model.onnx, calibrated on a few dozen images.
+"""Quantize an export to int8: model_int8.onnx (QDQ, for ONNX Runtime) and model_int8.xml (NNCF, for OpenVINO).
 
     python tools/quantize.py --model_dir output_inference/ppyoloe_plus_crn_s_320_test \
         [--image_dir dataset/shapes/train] [--images 32] [--calibration minmax|entropy|percentile] \
-        [--per_tensor] [--activation_type uint8|int8] [--check onnxruntime openvino]
+        [--per_tensor] [--activation_type uint8|int8] [--symmetric_activations] [--openvino_int8 nncf|qdq] \
+        [--check onnxruntime openvino]
 
-ONNX Runtime's static quantization (quantize_static, QDQ format): Conv only, int8
-weights per output channel (--per_tensor: one scale per kernel), uint8 activations,
-calibrated on the first --images images of --image_dir, preprocessed as the
-export's infer_cfg.yml says. The file is recorded in ppfuse_report.json ("int8").
-Run it with tools/infer.py --runtime onnxruntime|openvino --precision int8.
---check loads it in those runtimes and prints how many convolutions ran int8.
+Both are calibrated on the first --images images of --image_dir, preprocessed as the export's
+infer_cfg.yml says. model_int8.onnx: ONNX Runtime's static quantization (quantize_static, QDQ format),
+Conv only, int8 weights per output channel (--per_tensor: one scale per kernel), uint8 activations.
+model_int8.xml (+ .bin): NNCF, OpenVINO's quantizer, on the model OpenVINO converts from model.onnx
+(asymmetric activations; --symmetric_activations: NNCF's PERFORMANCE preset); --openvino_int8 qdq writes
+none and OpenVINO runs model_int8.onnx. Both are recorded in ppfuse_report.json ("int8").
+Run them with tools/infer.py --runtime onnxruntime|openvino --precision int8.
+--check loads them in those runtimes and prints how many convolutions ran int8.
 Needs the [int8] extra: pip install -c constraints.txt -e ".[int8]"
 """
 import os
@@ -29,7 +32,7 @@ def run(argv):
     from ppfuse.deploy import quantize
     quantize.add_arguments(parser)
     parser.add_argument("--check", nargs="*", default=[], metavar="RUNTIME",
-                        help="load model_int8.onnx in these runtimes (onnxruntime, openvino) and print what ran")
+                        help="load the int8 model in these runtimes (onnxruntime, openvino) and print what ran")
     parser.add_argument("--cpu_threads", type=int, default=2)
     args = parser.parse_args(argv)
 

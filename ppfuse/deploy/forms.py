@@ -50,7 +50,7 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
         return _INTERPOLATE(*(() if x is None else (x,)), size=size, scale_factor=scale_factor, mode=mode,
                             align_corners=align_corners, **more)
     data_format = data_format or "NCHW"
-    factor = scale_factor
+    factor, given_size = scale_factor, size  # a size read as a factor below is kept for the gather form
     if isinstance(factor, (list, tuple)) and len(set(factor)) == 1:
         factor = factor[0]
     if factor is None and isinstance(size, (list, tuple)) and len(size) == 2 and len(x.shape) == 4 \
@@ -63,7 +63,7 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
     if (mode != "nearest" or size is not None or data_format != "NCHW" or not isinstance(factor, (int, float))
             or float(factor) != int(factor) or int(factor) < 1):
         if mode in ("nearest", "bilinear") and data_format == "NCHW" and len(x.shape) == 4:
-            return _interpolate_by_gather(x, size, scale_factor, mode, bool(align_corners), int(align_mode))
+            return _interpolate_by_gather(x, given_size, scale_factor, mode, bool(align_corners), int(align_mode))
         return _INTERPOLATE(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
                             align_mode=align_mode, data_format=data_format, name=name)
     s = int(factor)

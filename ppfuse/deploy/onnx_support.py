@@ -28,8 +28,11 @@ from ppfuse.runtime.paddle_inference import PaddleInference
 from ppfuse.core.verify import compare
 from ppfuse.deploy.program import count_ops
 
-__all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "node_counts", "session", "run_onnx",
-           "check_against_paddle", "check_extra_outputs", "name_outputs", "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
+__all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "repair_group_norm_epsilons", "node_counts", "session",
+           "run_onnx", "check_against_paddle", "check_extra_outputs", "order_tied_rows", "name_outputs",
+           "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
+# the scores' tolerance when raw rows are paired across a top-k's near ties (the export's tenfold check of them)
+RAW_SCORE_ATOL = 1e-3
 DEFAULT_OPSET = 13  # Max on int64 shapes (the exact upsample's expand) needs opset >= 12
 
 
@@ -69,14 +72,16 @@ def _paddle2onnx(program: str, params: str, onnx_path: str, opset: int) -> None:
 
 def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
     """Convert ``model_dir``'s ``model.json``/``model.pdiparams`` to ``onnx_path`` with paddle2onnx, conv biases
-    put back into their convs (:func:`fuse_conv_bias_adds`), nodes in topological order.
+    put back into their convs (:func:`fuse_conv_bias_adds`), ``group_norm``'s epsilon put back where paddle2onnx
+    loses it (:func:`repair_group_norm_epsilons`), nodes in topological order.
 
     paddle2onnx ends the whole process (``abort``) on an operator it cannot convert, without naming it. So a
     program with an operator outside its list (:func:`unconvertible_ops`) is converted in a child process, and
     a failure names those operators.
 
     Raises:
-        ExportError: one line naming the operators paddle2onnx cannot convert, or its failure.
+        ExportError: one line naming the operators paddle2onnx cannot convert, or its failure; a
+            ``group_norm`` epsilon that cannot be put back.
     """
     require_module("paddle2onnx", "ONNX support", "onnx", ExportError)
     program = program_file(model_dir)
@@ -100,7 +105,8 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
         raise ExportError(f"{model_dir}: paddle2onnx wrote no {onnx_path}")
     onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
     model = onnx.load(onnx_path)
-    if fuse_conv_bias_adds(model):
+    repaired = repair_group_norm_epsilons(model, program)
+    if fuse_conv_bias_adds(model) or repaired:
         topological_sort(model.graph)
         try:
             onnx.checker.check_model(model)
@@ -108,10 +114,82 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
             # paddle2onnx's Loop bodies (ppdet's per-image loop after NMS) read values the checker places
             # after them; ONNX Runtime runs them, and the export's check that follows is the judge
             if "topologically sorted" not in str(exc) or "sub_block" not in str(exc):
-                raise ExportError(f"{onnx_path}: not a valid ONNX model after fusing conv biases: "
+                raise ExportError(f"{onnx_path}: not a valid ONNX model after fusing conv biases and repairing "
+                                  "group_norm epsilons: "
                                   f"{str(exc).splitlines()[0][:200]}") from None
         onnx.save(model, onnx_path)
     return onnx_path
+
+
+def program_attributes(program: str, op_name: str) -> List[Dict[str, object]]:
+    """The attributes (name -> value) of every ``op_name`` op of a saved PIR program (``model.json``), in
+    program order, ops inside ``if``/loop regions included; ``[]`` for an older program format."""
+    if not program.endswith(".json"):
+        return []
+    import json
+    with open(program) as f:
+        data = json.load(f)
+    found: List[Dict[str, object]] = []
+
+    def walk(regions):
+        for region in regions or []:
+            for block in region.get("blocks", []):
+                for op in block.get("ops", []):
+                    if op["#"].split(".")[-1].rstrip("_") == op_name:
+                        found.append({a["N"]: a.get("AT", {}).get("D") for a in op.get("A", [])
+                                      if isinstance(a, dict) and "N" in a})
+                    walk(op.get("regions"))
+    walk(data["program"]["regions"])
+    return found
+
+
+def _all_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs (If and Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_nodes(sub)
+
+
+def repair_group_norm_epsilons(model, program: str) -> int:
+    """Give every InstanceNormalization that paddle2onnx wrote for a ``group_norm`` the op's ``epsilon``;
+    returns how many nodes it rewrote.
+
+    paddle2onnx 2.1.0 writes ``group_norm(x, G, eps)`` as ``Reshape(x, [0, G, -1])`` ->
+    ``InstanceNormalization(scale 1, bias 0, epsilon)`` -> ``Reshape`` back -> ``Mul`` weight -> ``Add`` bias,
+    which is group normalization by definition -- but it reads ``epsilon`` as a float32 attribute, while
+    Paddle 3 stores it as a float64 one, so the ONNX attribute is left uninitialized (seen: 2.8e22, which
+    divides every normalized value by ~1.7e11: FCOS's and GFL's heads). Put back, the graph computes what
+    Paddle's kernel computes (which also reads ``epsilon`` as a float).
+
+    Which InstanceNormalization came from which ``group_norm`` is not recorded, so this repairs only when
+    that does not matter: every ``group_norm`` of the program has the same ``epsilon``, and any
+    ``instance_norm`` (which paddle2onnx converts with its own epsilon, correctly) has that one too.
+
+    Raises:
+        ExportError: the program's normalizations have different epsilons, or the graph does not have one
+            InstanceNormalization per ``group_norm`` and ``instance_norm``.
+    """
+    group = [float(a["epsilon"]) for a in program_attributes(program, "group_norm")]
+    if not group:
+        return 0
+    instance = [float(a.get("epsilon", 1e-5)) for a in program_attributes(program, "instance_norm")]
+    nodes = [n for n in _all_nodes(model.graph) if n.op_type == "InstanceNormalization"]
+    if len(set(group) | set(instance)) > 1:
+        raise ExportError(f"paddle2onnx loses group_norm's epsilon, and the program's group_norm/instance_norm "
+                          f"ops have different ones ({sorted(set(group) | set(instance))}), so they cannot be put "
+                          "back; export without --onnx for Paddle Inference")
+    if len(nodes) != len(group) + len(instance):
+        raise ExportError(f"paddle2onnx wrote {len(nodes)} InstanceNormalization nodes for {len(group)} group_norm "
+                          f"and {len(instance)} instance_norm ops; cannot repair group_norm's epsilon")
+    from onnx import helper
+    epsilon = group[0]
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "epsilon"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("epsilon", epsilon)])
+    return len(nodes)
 
 
 def node_inputs(node) -> List[str]:
@@ -282,17 +360,72 @@ def pair_detections(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     return True, f"same detections (box diff {box_diff:.2g} px, score diff {score_diff:.2g})"
 
 
+def order_tied_rows(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], atol: Sequence[float],
+                    rtol: float, most: int = 512) -> Tuple[List[np.ndarray], int]:
+    """``candidate``'s raw ``(boxes [N, M, 4], scores [N, C, M])`` with the rows (a box and its class scores) that
+    are another order of the reference's near-tied rows put in the reference's order; returns ``(candidate,
+    rows moved)``. Anything else comes back as it was, for the comparison that follows to judge.
+
+    A top-k before NMS (RetinaNet's and YOLOF's ``nms_pre``: each level's best anchors by their best class score)
+    lists anchors whose scores tie to fp32 rounding in whichever order each runtime's rounding gives; NMS takes
+    them as a set. A row within tolerance (``atol`` per output, absolute, plus ``rtol`` of the reference's value)
+    of the reference's row at its position stays. The others (at most ``most`` per image) are paired one to one
+    with a reference row they fit at another such position -- and only where the reference's best scores at the
+    two positions tie within the scores' tolerance, so that either order is the top-k's. Values beyond 1e30 or
+    not finite (exp() overflowing differently in each runtime) count as fitting, as in the comparison.
+    """
+    if len(reference) != 2 or len(candidate) != 2:
+        return list(candidate), 0
+    ref_boxes, ref_scores = (np.asarray(a, np.float64) for a in reference)
+    boxes, scores = (np.asarray(a, np.float64) for a in candidate)
+    if (ref_boxes.ndim != 3 or ref_boxes.shape[-1] != 4 or ref_scores.ndim != 3 or boxes.shape != ref_boxes.shape
+            or scores.shape != ref_scores.shape or ref_scores.shape[2] != ref_boxes.shape[1]):
+        return list(candidate), 0
+
+    def rows(b, sc):  # [M, 4 + C], clipped as the comparison leaves such values out
+        values = np.concatenate([b, sc.T], axis=1)
+        return np.clip(np.nan_to_num(values, nan=0.0, posinf=1e30, neginf=-1e30), -1e30, 1e30)
+    width = np.array([atol[0]] * 4 + [atol[1]] * ref_scores.shape[1])
+    moved = 0
+    out_boxes, out_scores = boxes.copy(), scores.copy()
+    for n in range(ref_boxes.shape[0]):
+        want, got = rows(ref_boxes[n], ref_scores[n]), rows(boxes[n], scores[n])
+        limit = width + rtol * np.abs(want)  # [M, D]
+        bad = np.flatnonzero((np.abs(got - want) > limit).any(axis=1))
+        if len(bad) == 0 or len(bad) > most:
+            continue
+        misfit = (np.abs(got[bad][None, :, :] - want[bad][:, None, :]) / limit[bad][:, None, :]).max(axis=2)
+        best = want[bad, 4:].max(axis=1)  # the reference's best score at each such position
+        tie = atol[1] + rtol * np.abs(best)
+        free, source = np.ones(len(bad), bool), np.empty(len(bad), int)
+        for a in range(len(bad)):  # reference position bad[a] takes the candidate row at bad[b]
+            fits = free & (misfit[a] <= 1.0) & (np.abs(best - best[a]) <= tie[a])
+            if not fits.any():
+                break
+            b = int(np.flatnonzero(fits)[np.argmin(misfit[a][fits])])
+            free[b], source[a] = False, b
+        else:
+            out_boxes[n, bad] = boxes[n, bad[source]]
+            out_scores[n][:, bad] = scores[n][:, bad[source]]
+            moved += len(bad)
+    if not moved:
+        return list(candidate), 0
+    return [out_boxes.astype(np.asarray(candidate[0]).dtype), out_scores.astype(np.asarray(candidate[1]).dtype)], moved
+
+
 def check_extra_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], atol: float = 1e-4,
                         rtol: float = 1e-4, keep: int = 2) -> Optional[Tuple[bool, str]]:
     """The outputs after the first ``keep`` of ``model_dir``'s program (Paddle Inference) and of ``onnx_path``
-    (ONNX Runtime), each divided by the reference's largest magnitude, compared with ``atol``/``rtol``; then
-    ``onnx_path`` keeps only its first ``keep`` outputs. None when there are no extra outputs."""
+    (ONNX Runtime), each divided by the reference's largest magnitude, compared with ``atol``/``rtol`` -- rows
+    of a top-k's near-tied scores in the reference's order (:func:`order_tied_rows`); then ``onnx_path`` keeps
+    only its first ``keep`` outputs. None when there are no extra outputs."""
     onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
     paddle_out = list(PaddleInference(model_dir).run(inputs).values())[keep:]
     model = onnx.load(onnx_path)
     if len(model.graph.output) <= keep:
         return None
     onnx_out = run_onnx(session(onnx_path), inputs)[keep:]
+    onnx_out, moved = order_tied_rows(paddle_out, onnx_out, [atol * _largest(v) for v in paddle_out], rtol)
     reference, candidate, skipped = {}, {}, 0
     for i, (want, got) in enumerate(zip(paddle_out, onnx_out)):
         want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
@@ -306,7 +439,16 @@ def check_extra_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.nda
     del model.graph.output[keep:]
     onnx.save(model, onnx_path)
     note = f" ({skipped} values beyond 1e30 or not finite left out)" if skipped else ""
+    if moved:
+        note += f" ({moved} rows of near-tied best scores compared in Paddle Inference's order)"
     return result.ok, "relative to each output's largest value: " + result.summary().splitlines()[0] + note
+
+
+def _largest(values) -> float:
+    """The largest finite magnitude below 1e30 of ``values`` (1.0 when there is none), as outputs are scaled."""
+    values = np.asarray(values, np.float64)
+    finite = np.isfinite(values) & (np.abs(values) < 1e30)
+    return max(float(np.abs(values[finite]).max()), 1e-12) if finite.any() else 1.0
 
 
 def name_outputs(onnx_path: str, names: Sequence[str]) -> None:
@@ -328,8 +470,9 @@ def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.nd
     """ONNX Runtime's detections against Paddle Inference's on the same inputs (each takes the ones it has):
     ``(ok, description)``; detections by :func:`pair_detections`.
 
-    Raw exports (``--no_nms``) are compared output by output with ``box_atol`` (and rtol 1e-4), or with
-    ``relative`` each output divided by the reference's largest magnitude first (a head's outputs).
+    Raw exports (``--no_nms``) are compared output by output with ``box_atol`` (and rtol 1e-4), rows of a
+    top-k's near-tied scores in Paddle Inference's order (:func:`order_tied_rows`), or with ``relative`` each
+    output divided by the reference's largest magnitude first (a head's outputs).
     """
     paddle_out = list(PaddleInference(model_dir).run(inputs).values())
     onnx_out = run_onnx(session(onnx_path), inputs)
@@ -337,11 +480,15 @@ def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.nd
         return pair_detections(paddle_out, onnx_out, box_atol)
     if len(paddle_out) != len(onnx_out):
         return False, f"{len(onnx_out)} outputs, Paddle Inference gives {len(paddle_out)}"
+    moved = 0
+    if not relative:  # the boxes and scores NMS would take: a top-k's near ties in Paddle Inference's order
+        onnx_out, moved = order_tied_rows(paddle_out, onnx_out, [box_atol, RAW_SCORE_ATOL], 1e-4)
     scales = [max(float(np.abs(v).max()), 1e-12) if relative and v.size else 1.0 for v in paddle_out]
     result = compare({f"out{i}": v / s for i, (v, s) in enumerate(zip(paddle_out, scales))},
                      {f"out{i}": np.asarray(v) / s for i, (v, s) in enumerate(zip(onnx_out, scales))},
                      1e-4 if relative else box_atol, 1e-4)
-    return result.ok, result.summary().splitlines()[0]
+    note = f" ({moved} rows of near-tied best scores compared in Paddle Inference's order)" if moved else ""
+    return result.ok, result.summary().splitlines()[0] + note
 
 
 def fold_batch_norms(onnx_path: str, out_path: str) -> Dict[str, object]:

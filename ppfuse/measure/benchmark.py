@@ -51,6 +51,7 @@ import copy
 import importlib.util
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -65,13 +66,15 @@ from ppfuse.core import layers
 from ppfuse.core.convert import convert
 from ppfuse.core.verify import compare_detections, judge
 from ppfuse.deploy.program import count_ops
-from ppfuse.export_format import INT8_ONNX_FILE, MODEL_FILE, ONNX_FILE, PARAMS_FILE
+from ppfuse.export_format import (INT8_ONNX_FILE, INT8_OPENVINO_FILE, MODEL_FILE, ONNX_FILE, OPENVINO_FILE,
+                                  PARAMS_FILE)
 from ppfuse.measure.results import table
 from ppfuse.ppdet.detection import DetectionConfig, build_model, raw_outputs_float64
 from ppfuse.ppdet.detectors import DetectorForInference, ppdet_path, ppyoloe_outputs, sample_inputs
 from ppfuse.ppdet.export import DEFAULT_ATOL, DEFAULT_RTOL, save_inference_model, save_plain_program, verify_deployed
 
 VARIANTS = ("train form", "ppdet path", "ppfuse deploy")
+THROUGHPUT_BATCHES = (1, 2, 4, 8)  # serving batch sizes of the throughput table
 COUNTED = ("conv2d", "batch_norm", "add", "add_tensors", "if")
 
 
@@ -124,6 +127,10 @@ def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Cal
             if precision == "bf16" and not bf16:
                 continue
             rows.append(Row(f"{title} {precision}", name, options(precision=precision)))
+            if name == "openvino" and precision == "int8" and importlib.util.find_spec("nncf") is not None:
+                # the row above runs NNCF's model_int8.xml; this one ONNX Runtime's QDQ file, for comparison
+                rows.append(Row(f"{title} int8 ({INT8_ONNX_FILE})", name,
+                                options(precision=precision, int8_model=INT8_ONNX_FILE)))
     if not bf16:
         log(f"not measured: bf16 rows: this CPU ({runtimes.cpu_model()}) has no bf16 instructions")
     return rows
@@ -147,13 +154,17 @@ INT8_CALIBRATION_IMAGES = 8
 
 
 def _quantize_variant(directory: str, size: List[int]) -> None:
-    """``model_int8.onnx`` of a variant (ppfuse's defaults: QDQ, Conv only, per-channel int8 weights)."""
+    """The int8 files of a variant with ppfuse's defaults, as ``tools/quantize.py`` writes them:
+    ``model_int8.onnx`` (ONNX Runtime's QDQ) and, with NNCF installed, ``model_int8.xml`` for OpenVINO."""
     from ppfuse.deploy import quantize
     feeds = []
     for seed in range(INT8_CALIBRATION_IMAGES):
         image, scale = sample_inputs(size, 1, 100 + seed)
         feeds.append({"image": image.numpy(), "scale_factor": scale.numpy()})
-    quantize.quantize_onnx(os.path.join(directory, ONNX_FILE), os.path.join(directory, INT8_ONNX_FILE), feeds)
+    source = os.path.join(directory, ONNX_FILE)
+    quantize.quantize_onnx(source, os.path.join(directory, INT8_ONNX_FILE), feeds)
+    if importlib.util.find_spec("nncf") is not None:
+        quantize.quantize_openvino(source, os.path.join(directory, INT8_OPENVINO_FILE), feeds)
 
 
 def onnx_available() -> bool:
@@ -286,6 +297,9 @@ def export_variants(config: DetectionConfig, workdir: str, with_nms: bool = Fals
                 save_inference_model(model, os.path.join(staging, MODEL_FILE), size, with_nms,
                                      topk_before_nms=with_nms, speed_forms=speed_forms)
                 onnx_support.to_onnx(staging, os.path.join(directory, ONNX_FILE))
+                if runtimes.available("openvino"):  # as the export writes it: OpenVINO rows load this IR
+                    from ppfuse.runtime.openvino_runtime import write_ir
+                    write_ir(os.path.join(directory, ONNX_FILE), os.path.join(directory, OPENVINO_FILE))
                 if int8_available():
                     _quantize_variant(directory, size)
         except Exception as exc:  # a variant that cannot be exported is a result, not a crash
@@ -465,6 +479,7 @@ class BenchmarkResult:
     threads: int
     with_nms: bool = False
     notes: List[str] = field(default_factory=list)  # rows that could not run here, and why
+    throughput: List[Measurement] = field(default_factory=list)  # the best rows at serving batch sizes
 
     def cell(self, variant: str, runtime: str, batch: int) -> Optional[Measurement]:
         return next((m for m in self.measurements
@@ -480,13 +495,19 @@ class BenchmarkResult:
                                   "median_ms": m.median * 1e3 if m.times else None,
                                   "p90_ms": m.p90 * 1e3 if m.times else None,
                                   "times_ms": [t * 1e3 for t in m.times], "parity": m.parity, "error": m.error}
-                                 for m in self.measurements]}
+                                 for m in self.measurements],
+                "throughput": [{"variant": m.variant, "runtime": m.runtime, "batch": m.batch,
+                                "images_per_second": m.batch / m.median if m.times else None,
+                                "median_ms": m.median * 1e3 if m.times else None, "parity": m.parity,
+                                "error": m.error} for m in self.throughput]}
 
 
 def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs: int = 30, warmup: int = 3,
                   batches=(1, 2), memory: bool = True, root: str = ".", with_nms: bool = False,
-                  extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print) -> BenchmarkResult:
-    """Export the variants of ``config``'s model and measure them side by side."""
+                  extra_deleted: Sequence[Sequence[str]] = (), log: Callable = print,
+                  throughput_batches: Sequence[int] = THROUGHPUT_BATCHES) -> BenchmarkResult:
+    """Export the variants of ``config``'s model and measure them side by side; then the best row of each
+    precision again at ``throughput_batches`` (images per second, :func:`best_rows`)."""
     paddle.set_device("cpu")
     size = config.input_size()
     notes: List[str] = []
@@ -511,8 +532,57 @@ def run_benchmark(config: DetectionConfig, workdir: str, threads: int = 2, runs:
     measurements = measure(variants, rows, inputs_by_batch, references, runs, warmup, size, with_nms, tick)
     if bar:
         bar.close()
+    throughput = []
+    best = best_rows(measurements, rows)
+    if throughput_batches and best:
+        log(f"throughput: {', '.join(r.name for r in best)} at batch {', '.join(map(str, throughput_batches))}")
+        for batch in throughput_batches:
+            if batch not in inputs_by_batch:
+                inputs_by_batch[batch], references[batch] = reference_outputs(built.training_model, size, batch,
+                                                                              with_nms)
+        pair = {name: variants[name] for name in ("ppdet path", "ppfuse deploy")}
+        throughput = measure(pair, best, {b: inputs_by_batch[b] for b in throughput_batches}, references,
+                             runs, warmup, size, with_nms)
+    deploy = variants["ppfuse deploy"]
+    if not deploy.error and runtimes.available("openvino"):
+        note(openvino_load_line(deploy.directory, threads))
     mem = export_memory(os.path.abspath(config.path), root, workdir) if memory else {}
-    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms, notes)
+    return BenchmarkResult(config, variants, measurements, flops, mem, threads, with_nms, notes, throughput)
+
+
+def openvino_load_line(directory: str, threads: int, repeats: int = 3) -> str:
+    """What the export's OpenVINO IR saves per load: median seconds to read and compile ``model.xml`` against
+    converting ``model.onnx`` (``openvino.convert_model``) and compiling it, fp32, ``repeats`` times each."""
+    import openvino as ov
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    loads = {"model.xml": lambda: core.read_model(os.path.join(directory, OPENVINO_FILE)),
+             "model.onnx": lambda: ov.convert_model(os.path.join(directory, ONNX_FILE))}
+    seconds = {}
+    for name, read in loads.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            core.compile_model(read(), "CPU", config)
+            times.append(time.perf_counter() - start)
+        seconds[name] = float(np.median(times))
+    return (f"OpenVINO load of ppfuse deploy (read + compile, fp32, median of {repeats}): {OPENVINO_FILE} "
+            f"{seconds['model.xml']:.2f} s, {ONNX_FILE} through convert_model {seconds['model.onnx']:.2f} s")
+
+
+def best_rows(measurements: List[Measurement], rows: List[Row]) -> List[Row]:
+    """Per precision (fp32, bf16, int8), the row where ppfuse deploy ran fastest at batch 1 with its outputs
+    accepted: the rows the throughput table measures at larger batches."""
+    best = {}
+    for m in measurements:
+        row = next((r for r in rows if r.name == m.runtime), None)
+        if (row is None or m.variant != "ppfuse deploy" or m.batch != 1 or not m.times
+                or m.parity.startswith(("FAILS", "differ"))):
+            continue
+        precision = row.options.precision
+        if precision not in best or m.median < best[precision][0]:
+            best[precision] = (m.median, row)
+    return [best[p][1] for p in ("fp32", "bf16", "int8") if p in best]
 
 
 def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
@@ -561,12 +631,14 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
                      "is an estimate of the distance to the limit, not a bound)")
     for precision in ("fp32", "bf16", "int8"):
         candidates = [(m.median, m.runtime) for m in result.measurements if m.variant == "ppfuse deploy"
-                      and m.batch == 1 and m.times and m.runtime.endswith(precision)
+                      and m.batch == 1 and m.times and re.search(rf"\b{precision}\b", m.runtime)
                       and not m.parity.startswith(("FAILS", "differ"))]
         if candidates and base and base.times:
             median, row = min(candidates)
             lines.append(f"- best {precision} row for ppfuse deploy, batch 1: {row}, {median * 1e3:.1f} ms = "
                          f"**{median / base.median:.3f}x** the ppdet path in {BASE_RUNTIME}")
+    if result.throughput:
+        lines += ["", throughput_table(result), ""]
     slower = [f"{m.runtime} batch {m.batch} ({m.median / p.median:.2f}x)" for m in result.measurements
               if m.variant == "ppfuse deploy" and m.times
               for p in [result.cell("ppdet path", m.runtime, m.batch)] if p and p.times and m.median > p.median]
@@ -580,6 +652,25 @@ def markdown(result: BenchmarkResult, peak: float, peak_note: str) -> str:
     if spreads:
         lines.append(f"- spread: p90/median from {min(spreads):.2f} to {max(spreads):.2f} across cells")
     return "\n".join(lines) + "\n"
+
+
+def throughput_table(result: BenchmarkResult) -> str:
+    """Images per second of the best row of each precision at the serving batch sizes, the ppdet path on the
+    same row beside ppfuse deploy (one run, rounds interleaved as in the latency table)."""
+    batches = sorted({m.batch for m in result.throughput})
+    rows = []
+    for runtime in dict.fromkeys(m.runtime for m in result.throughput):
+        for variant in ("ppdet path", "ppfuse deploy"):
+            cells = []
+            for batch in batches:
+                m = next((m for m in result.throughput if m.runtime == runtime and m.variant == variant
+                          and m.batch == batch), None)
+                cells.append("-" if m is None or not m.times else
+                             f"{batch / m.median:.1f}" + (" (!)" if m.parity.startswith(("FAILS", "differ")) else ""))
+            rows.append([variant, runtime, *cells])
+    return ("Throughput, images per second (batch / median latency), of the fastest row per precision at batch 1; "
+            "(!) marks a cell whose outputs failed the check:\n\n" +
+            table(["variant", "runtime", *[f"batch {b}" for b in batches]], rows, "ll" + "r" * len(batches)))
 
 
 def plot(results: List[BenchmarkResult], path: str) -> Optional[str]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import importlib.util
 import json
 import os
 import shutil
@@ -53,10 +54,9 @@ from ppfuse.core import checkpoint, layers
 from ppfuse.ppdet import detectors
 from ppfuse.ppdet.detection import BuiltModel, DetectionConfig, build_model
 from ppfuse.errors import ConfigError, ExportError, PPFuseError, VerificationError, first_line
-from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_OUTPUTS, ONNX_FILE, PARAMS_FILE,
-                                  RAW_OUTPUTS,
-                            PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, REPORT_FILE,
-                            program_file, require_paddle_3)
+from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_OUTPUTS, ONNX_FILE, OPENVINO_FILE,
+                                  PARAMS_FILE, PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, RAW_OUTPUTS, REPORT_FILE,
+                                  program_file, require_paddle_3)
 from ppfuse.runtime.base import RuntimeOptions
 from ppfuse.runtime.paddle_inference import create_predictor, run_predictor
 from ppfuse.core.verify import VerificationResult, compare, judge
@@ -160,7 +160,9 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
                 context = exc.__context__ if hasattr(exc.__context__, dy2static_error.ERROR_DATA) else exc
                 raise ExportError(f"{type(model).__name__}: tracing it for export failed: {first_line(context)}; "
                                   "ppfuse cannot export this model's forward as it stands") from None
-            if used == names:
+            # none used: the outputs come out of tensor arrays written in a loop (RetinaNet's, YOLOF's, TTFNet's
+            # per-image post-processing), through which inputs_used does not see; keep the inputs as they are
+            if used == names or not used:
                 break
             names = used
         paddle.jit.save(static, path_prefix)
@@ -538,6 +540,17 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
         onnx_report = (export_onnx(built.model, tmp, size, with_nms, log, graph,
                                    strict_detections=built.weights_form != "random", atol=atol, rtol=rtol)
                        if onnx else None)
+        if onnx and importlib.util.find_spec("openvino") is not None:
+            # OpenVINO's IR of the checked model.onnx: loads without converting the ONNX file each time
+            from ppfuse.runtime.openvino_runtime import conversion_failure, write_ir
+            try:
+                write_ir(os.path.join(tmp, ONNX_FILE), os.path.join(tmp, OPENVINO_FILE))
+                onnx_report["openvino_ir"] = OPENVINO_FILE
+            except Exception as exc:  # an op OpenVINO cannot read (TTFNet's DeformConv): the ONNX file stays
+                reason = conversion_failure(exc)
+                onnx_report["openvino_ir"] = None
+                onnx_report["openvino_ir_error"] = reason
+                log(f"no {OPENVINO_FILE}: OpenVINO cannot read {ONNX_FILE} ({reason}); ONNX Runtime runs it")
         report = {
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
             "weights_form": built.weights_form, "random_weights": built.weights_form == "random",

@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, Iterator, Optional
 
+import numpy as np
 import paddle
+import paddle.nn.functional as F
 
 from ppfuse.errors import ExportError
 
@@ -301,18 +303,34 @@ class PriorBoxes:
     """What a dygraph run shows and a trace cannot know, recorded (``recording``) for the ONNX program's trace:
     ``prior_box`` outputs, given back as constants (they depend on the feature map and image sizes only,
     fixed by the export size; paddle2onnx has no ``prior_box``; Paddle's own kernel computed them, so exact),
-    and the shapes NMS gets (paddle2onnx's NMS needs the box count static; SSD's concatenations leave it
-    open in the trace)."""
+    the shapes NMS gets (paddle2onnx's NMS needs the box count static; SSD's concatenations leave it
+    open in the trace), and the anchor counts of batched decoding (:meth:`rows`)."""
 
     def __init__(self):
         self.values: list = []
         self.nms_shapes: list = []
+        self.row_counts: list = []
         self.position = 0
         self.nms_position = 0
+        self.rows_position = 0
         self.recording = False
 
     def rewind(self) -> None:
-        self.position = self.nms_position = 0
+        self.position = self.nms_position = self.rows_position = 0
+
+    def rows(self, tensor, per_row: int) -> int:
+        """How many rows of ``per_row`` values one image of ``tensor [N, ...]`` holds, as the dygraph run saw it.
+
+        YOLOF's head reshapes by tensor shapes, so the trace does not know the count, and ppdet's ``nms_pre``
+        test (``cls_score.shape[0] > nms_pre``) becomes an ``if`` in the Paddle program, decided at run time
+        by this count -- fixed by the export size, so the recorded one decides it the same way."""
+        if self.recording:
+            self.row_counts.append(_static_count(tensor, per_row))
+            return self.row_counts[-1]
+        if self.rows_position >= len(self.row_counts):
+            return _static_count(tensor, per_row)
+        self.rows_position += 1
+        return self.row_counts[self.rows_position - 1]
 
     def prior_box(self, *args, **kwargs):
         if self.recording:
@@ -366,14 +384,99 @@ def _de_sigmoid(x, eps=1e-7):
     return -paddle.log(x)
 
 
+@paddle.jit.not_to_static  # a traced function's ``x.shape`` gives tensors for unknown dims
+def _static_count(tensor, per_row: int) -> int:
+    """Rows of ``tensor [N, ...]`` reshaped to ``[N, -1, per_row]`` when its shape past the batch is known at
+    trace time, else -1 (YOLOF's head reshapes by tensor shapes)."""
+    dims = [int(d) for d in tensor.shape[1:]]
+    return int(np.prod(dims)) // per_row if all(d >= 0 for d in dims) else -1
+
+
+def _decode_batch(head, anchors, cls_scores, bbox_preds, im_shape, scale_factor, decode_deltas, clip: bool,
+                  rows=None):
+    """ppdet's ``RetinaHead.decode`` / ``YOLOFHead.decode`` -- a Python loop over the images calling
+    ``get_bboxes_single``, then ``stack`` -- for the whole batch at once, op for op: per level its ``nms_pre``
+    best anchors by their best class score (a top-k along each image's anchors), the deltas decoded against
+    those anchors (``decode_deltas``: ppdet's ``delta2bbox`` or ``delta2bbox_v2`` on ``[n, 4]``), with ``clip``
+    each box clipped to its image's ``im_shape`` (``delta2bbox_v2``'s ``max_shape``), divided by the image's
+    scale factors; sigmoid scores, ``[N, C, M]``. Every op is elementwise or per image, so the values are the
+    loop's. ``rows(tensor, per_row)`` gives a level's anchor count per image (:meth:`PriorBoxes.rows`).
+
+    The loop traces to a ``while`` over tensor arrays, which paddle2onnx 2.1.0 converts into a Loop whose
+    arrays are not carried out of it (ONNX Runtime: ``Invalid model. Node input
+    'p2o.sub_block.pd_op.array_write_.0.0' is not a graph input, initializer, or output of a previous node``).
+
+    Returns:
+        ``(boxes [N, M, 4], scores [N, C, M])``, as ``decode``.
+    """
+    rows = rows or _static_count  # (not a default value: to_static evaluates those where the name is unknown)
+    classes = int(head.num_classes)
+    all_boxes, all_scores = [], []
+    for anchor, cls_score, bbox_pred in zip(anchors, cls_scores, bbox_preds):
+        count = rows(cls_score, classes)  # ppdet's cls_score.shape[0]; -1 when not known
+        cls_score = cls_score.reshape([0, count if count >= 0 else -1, classes])  # [N, M, C]: each image's [M, C]
+        bbox_pred = bbox_pred.reshape([0, count if count >= 0 else -1, 4])
+        anchor = anchor.reshape([-1, 4])
+        if head.nms_pre is not None and count > head.nms_pre:
+            count = int(head.nms_pre)
+            _, index = cls_score.max(axis=2).topk(count)  # [N, k]: each image's top-k
+            bbox_pred = paddle.take_along_axis(bbox_pred, index.unsqueeze(-1).expand([-1, count, 4]), axis=1)
+            cls_score = paddle.take_along_axis(cls_score, index.unsqueeze(-1).expand([-1, count, classes]), axis=1)
+            anchor = paddle.gather(anchor, index.reshape([-1]))  # [N*k, 4]
+        else:
+            anchor = (paddle.zeros_like(bbox_pred) + anchor.unsqueeze(0)).reshape([-1, 4])  # every image's
+        boxes = decode_deltas(bbox_pred.reshape([-1, 4]), anchor).reshape(paddle.shape(bbox_pred))
+        if clip:  # delta2bbox_v2's max_shape: x to [0, width], y to [0, height] of each image
+            bounds = im_shape.flip([1]).tile([1, 2]).unsqueeze(1)  # [N, 1, 4]: w, h, w, h
+            boxes = paddle.minimum(paddle.maximum(boxes, paddle.zeros_like(boxes)), bounds)
+        all_boxes.append(boxes)
+        all_scores.append(F.sigmoid(cls_score))
+    boxes = paddle.concat(all_boxes, axis=1)
+    boxes = boxes / scale_factor.flip([1]).tile([1, 2]).unsqueeze(1)  # per image: [w, h, w, h] scales
+    return boxes, paddle.concat(all_scores, axis=1).transpose([0, 2, 1])
+
+
+def _retina_decode(self, anchors, cls_logits, bboxes_reg, im_shape, scale_factor, rows=None):
+    """``RetinaHead.decode`` for the batch at once (:func:`_decode_batch` with ppdet's ``delta2bbox``)."""
+    from ppdet.modeling.bbox_utils import delta2bbox
+    return _decode_batch(self, anchors, cls_logits, bboxes_reg, im_shape, scale_factor,
+                         lambda deltas, boxes: delta2bbox(deltas, boxes, self.weights), clip=False, rows=rows)
+
+
+def _yolof_decode(self, anchors, cls_scores, bbox_preds, im_shape, scale_factor, rows=None):
+    """``YOLOFHead.decode`` for the batch at once (:func:`_decode_batch` with ppdet's ``delta2bbox_v2``, each
+    box clipped to its image's ``im_shape`` as ``delta2bbox_v2``'s ``max_shape`` does)."""
+    from ppdet.modeling.bbox_utils import delta2bbox_v2
+    return _decode_batch(self, anchors, cls_scores, bbox_preds, im_shape, scale_factor,
+                         lambda deltas, boxes: delta2bbox_v2(deltas, boxes, self.delta_mean, self.delta_std,
+                                                             max_shape=None, ctr_clip=self.ctr_clip), clip=True,
+                         rows=rows)
+
+
+def _ttf_box_one_image(self, hm, wh, im_shape, scale_factor):
+    """``TTFBox.__call__`` -- ``_decode`` image by image in a Python loop, results concatenated -- for one
+    image: its ``_decode``, what the loop gives for a batch of one. The loop traces to a ``while`` over tensor
+    arrays that paddle2onnx 2.1.0 converts into an invalid Loop (:func:`_decode_batch`); ``_decode`` keeps a
+    variable number of detections per image, so it has no batched form, and the ONNX program takes one image
+    per run (as a program with NMS does). ``hm`` is reshaped to one image so that a larger batch fails in the
+    runtime instead of mixing images (``_decode`` itself assumes one). The detections are reshaped to ``[K, 6]``,
+    the shape they have: ``_decode`` keeps them by ``gather(results, nonzero(...))``, an index ``[K, 1]``, which
+    paddle2onnx writes as an ONNX Gather giving ``[K, 1, 6]``."""
+    hm = hm.reshape([1] + [int(d) for d in hm.shape[1:]])
+    results, number = self._decode(hm, wh, im_shape, scale_factor)
+    return results.reshape([-1, int(results.shape[-1])]), number
+
+
 @contextlib.contextmanager
 def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) -> Iterator[None]:
     """While active (inside :func:`pir_traceable_postprocess`), ppdet's post-processing ops are the ONNX forms
     of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes),
     ``matrix_nms`` in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
-    dygraph run) or replayed from ``priors``, and PP-YOLO's CoordConv grid without ``full_batch_size_like``."""
+    dygraph run) or replayed from ``priors``, PP-YOLO's CoordConv grid without ``full_batch_size_like``, and
+    RetinaNet's, YOLOF's and TTFNet's per-image loops without tensor arrays (batched; TTFNet: one image)."""
+    from ppdet.modeling import layers as ppdet_layers
     from ppdet.modeling import ops
-    from ppdet.modeling.heads import yolo_head
+    from ppdet.modeling.heads import retina_head, yolo_head, yolof_head
     from ppdet.modeling.necks import yolo_fpn
     names = ("multiclass_nms", "matrix_nms", "box_coder", "prior_box")
     saved = {name: getattr(ops, name) for name in names}
@@ -381,8 +484,21 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) 
     priors = priors if priors is not None else PriorBoxes()
     priors.recording = record
 
+    def retina_decode(self, anchors, cls_logits, bboxes_reg, im_shape, scale_factor):
+        return _retina_decode(self, anchors, cls_logits, bboxes_reg, im_shape, scale_factor, rows=priors.rows)
+
+    def yolof_decode(self, anchors, cls_scores, bbox_preds, im_shape, scale_factor):
+        return _yolof_decode(self, anchors, cls_scores, bbox_preds, im_shape, scale_factor, rows=priors.rows)
+    methods = [(retina_head.RetinaHead, "decode", retina_decode), (yolof_head.YOLOFHead, "decode", yolof_decode),
+               (ppdet_layers.TTFBox, "__call__", _ttf_box_one_image)]
+    saved_methods = [(owner, name, owner.__dict__[name]) for owner, name, _ in methods]
+
     def nms(bboxes, scores, *args, **kwargs):
         bboxes, scores = priors.static_shapes(bboxes, scores)
+        if _static_count(scores, 1) < 0:
+            # no box count recorded: the dygraph run stopped before NMS (a program of the head's raw outputs,
+            # whose post-processing is traced, then pruned); the top-k per class needs the count
+            return multiclass_nms(bboxes, scores, *args, **kwargs)
         return onnx_multiclass_nms(bboxes, scores, *args, **kwargs)
 
     def matrix(bboxes, scores, *args, **kwargs):
@@ -396,12 +512,16 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) 
         _ADD_COORD[:] = [saved_coord]
         yolo_fpn.add_coord = _add_coord
         yolo_head._de_sigmoid = _de_sigmoid
+        for owner, name, function in methods:
+            setattr(owner, name, function)
         yield
     finally:
         for name, function in saved.items():
             setattr(ops, name, function)
         yolo_fpn.add_coord = saved_coord
         yolo_head._de_sigmoid = saved_de_sigmoid
+        for owner, name, function in saved_methods:
+            setattr(owner, name, function)
 
 
 @contextlib.contextmanager

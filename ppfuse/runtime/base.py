@@ -44,6 +44,7 @@ class RuntimeOptions:
     delete_passes: Sequence[str] = ()
     gpu_memory_mb: int = 500
     gpu_id: int = 0
+    int8_model: str = ""  # OpenVINO int8: this file of the export (default: model_int8.xml if written, else .onnx)
 
 
 @dataclass

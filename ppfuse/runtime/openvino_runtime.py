@@ -1,5 +1,15 @@
 """OpenVINO (CPU) on an export's ``model.onnx``: OpenVINO cannot read Paddle 3's ``model.json``.
 
+What is compiled: the export's OpenVINO IR (``model.xml``, written beside ``model.onnx``) when it is
+there, else ``model.onnx`` through ``openvino.convert_model`` -- never ``Core.read_model`` of the ONNX
+file. ``read_model`` keeps paddle2onnx's graph as it is: each conv's bias add behind a
+``ShapeOf``/``Broadcast``/``Subtract`` subgraph and an ``Identity`` after each conv. In fp32 and bf16
+the CPU plugin folds those away; in int8 it cannot: the zero-point subtraction of every quantized conv
+input stayed an f32 ``Subtract`` node and every DequantizeLinear a reference ``Convert`` (together more
+than half of the int8 run's node time, ``tools/openvino_profile.py``). ``convert_model`` applies
+OpenVINO's own front-end transformations first; the same ``model_int8.onnx`` then runs with the zero
+points inside the int8 convolutions.
+
 The precision is always given as ``INFERENCE_PRECISION_HINT`` (f32 or bf16):
 left unset, OpenVINO runs bf16 on any CPU with bf16 instructions, a silent
 change of the numbers. What ran is read back from the compiled model: its
@@ -11,13 +21,14 @@ Needs the ``[openvino]`` extra.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
 from ppfuse.errors import InferenceError, require_module
-from ppfuse.export_format import read_report
+from ppfuse.export_format import INT8_ONNX_FILE, INT8_OPENVINO_FILE, ONNX_FILE, OPENVINO_FILE, read_report
 from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
 from ppfuse.runtime.onnx_runtime import int8_report, onnx_path
 
@@ -31,6 +42,53 @@ def _type_name(value) -> str:
     text = value.astype(str) if hasattr(value, "astype") else str(value)
     text = text.replace("<Type: '", "").replace("'>", "").strip().lower()
     return NAMES.get(text, text)
+
+
+def openvino_model(ov, core, model_dir: str, path: str):
+    """The model OpenVINO compiles for the ONNX file ``path`` of ``model_dir``: the IR beside it when one
+    was written (``model.xml`` for ``model.onnx``: the export; ``model_int8.xml`` for ``model_int8.onnx``:
+    NNCF's int8 model, ``tools/quantize.py``), else ``path`` through ``convert_model``; and the file's name."""
+    ir = {ONNX_FILE: OPENVINO_FILE, INT8_ONNX_FILE: INT8_OPENVINO_FILE}.get(os.path.basename(path))
+    if ir and os.path.isfile(os.path.join(model_dir, ir)):
+        return core.read_model(os.path.join(model_dir, ir)), ir
+    return ov.convert_model(path), os.path.basename(path)
+
+
+def runtime_convolutions(compiled) -> Dict[str, int]:
+    """Convolutions of a compiled (runtime) model by the precision the CPU plugin executes them in."""
+    counts: Counter = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) == "Convolution":
+            counts[_type_name(info["runtimePrecision"]) if "runtimePrecision" in info else "?"] += 1
+    return dict(counts)
+
+
+def chosen_int8_model(ov, core, model_dir: str, name: str):
+    """The int8 file ``name`` of ``model_dir`` (``model_int8.xml`` or ``model_int8.onnx``), and its name."""
+    path = os.path.join(model_dir, name)
+    if name not in (INT8_OPENVINO_FILE, INT8_ONNX_FILE) or not os.path.isfile(path):
+        raise InferenceError(f"int8 model {name}: use {INT8_OPENVINO_FILE} or {INT8_ONNX_FILE} of {model_dir} "
+                             "(written by tools/quantize.py)")
+    return (core.read_model(path) if name.endswith(".xml") else ov.convert_model(path)), name
+
+
+def conversion_failure(exc: BaseException) -> str:
+    """One line of why OpenVINO could not read an ONNX file: the ops it has no conversion for, when it says."""
+    text = str(exc)
+    marker = "No conversion rule found for operations:"
+    if marker in text:
+        return marker[:-1].replace("No conversion rule found", "no conversion rule") + ": " + \
+            text.split(marker, 1)[1].strip().splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def write_ir(onnx_file: str, xml_file: str) -> None:
+    """``onnx_file`` as OpenVINO IR (``xml_file`` and its ``.bin``), weights kept fp32 (``save_model``
+    would store them fp16 by default: not the function the export verified)."""
+    import openvino as ov
+    ov.save_model(ov.convert_model(onnx_file), xml_file, compress_to_fp16=False)
 
 
 class OpenVINO(Runtime):
@@ -52,9 +110,19 @@ class OpenVINO(Runtime):
         if perf_count:  # per-node execution times (:meth:`profile`)
             config["PERF_COUNT"] = True
         try:
-            self.compiled = core.compile_model(core.read_model(path), "CPU", config)
+            if self.options.precision == "int8" and self.options.int8_model:
+                model, self.source = chosen_int8_model(ov, core, model_dir, self.options.int8_model)
+            else:
+                model, self.source = openvino_model(ov, core, model_dir, path)
+        except InferenceError:
+            raise
+        except Exception as exc:  # convert_model raises its own error types
+            raise InferenceError(f"{path}: OpenVINO could not read it: {conversion_failure(exc)}")
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
-            raise InferenceError(f"{path}: OpenVINO could not compile it: {str(exc).strip().splitlines()[0][:200]}")
+            raise InferenceError(f"{os.path.join(model_dir, self.source)}: OpenVINO could not compile it: "
+                                 f"{str(exc).strip().splitlines()[0][:200]}")
         self.request = self.compiled.create_infer_request()
         self.version = ov.__version__.split("-")[0]
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
@@ -85,12 +153,7 @@ class OpenVINO(Runtime):
 
     def convolution_precisions(self) -> Dict[str, int]:
         """Convolutions of the compiled (runtime) model by the precision they execute in."""
-        counts: Counter = Counter()
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            if "layerType" in info and info["layerType"].astype(str) == "Convolution":
-                counts[_type_name(info["runtimePrecision"]) if "runtimePrecision" in info else "?"] += 1
-        return dict(counts)
+        return runtime_convolutions(self.compiled)
 
     def confirm_precision(self, inputs: Mapping[str, np.ndarray]) -> PrecisionReport:
         hint = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -99,7 +162,7 @@ class OpenVINO(Runtime):
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
             int8 = sum(n for k, n in counts.items() if k in INT8_TYPES)
             return int8_report("int8", {"int8": int8, "fp32": sum(counts.values()) - int8},
-                               f"runtime model of model_int8.onnx, hint {hint} ({kinds})")
+                               f"runtime model of {self.source}, hint {hint} ({kinds})")
         kinds = set(counts)
         ran = kinds.pop() if len(kinds) == 1 else "mixed" if kinds else hint
         total = sum(counts.values())
