@@ -25,7 +25,7 @@ from conftest import ROOT
 from ppfuse import runtime
 from ppfuse.deploy import onnx_support
 from ppfuse.deploy.inference import Detector
-from ppfuse.errors import ConfigError, ExportError
+from ppfuse.errors import ConfigError, ExportError, InferenceError
 from ppfuse.measure import coverage
 from ppfuse.measure.runtime_parity import match_detections
 from ppfuse.ppdet import detection, export
@@ -89,15 +89,34 @@ CASES = [  # (config, marks): small models in the default run, the rest slow
     ("configs/gfl/gfl_r50_fpn_1x_coco.yml", [pytest.mark.slow]),  # group_norm's epsilon put back
     ("configs/retinanet/retinanet_r50_fpn_1x_coco.yml", [pytest.mark.slow]),  # decoding for the batch at once
 ]
+# how each family is compared, where detections after NMS are not determined by random weights (run 2026-12-05):
+# PP-YOLO tiny's and YOLOX's scores saturate even on the gray image; SSDLite's NMS keeps 196 of the same 200 boxes
+# in OpenVINO (near ties); those compare their boxes and scores before NMS (the plain graph, --no_nms), every
+# anchor. OpenVINO 2026.4 cannot read DETR's model.onnx: it must say so in one line.
+RAW_ONLY = {"ppyolo_tiny_650e_coco": RUNTIMES, "yolox_s_300e_coco": RUNTIMES,
+            "ssdlite_mobilenet_v3_small_320_coco": ["openvino"] if OPENVINO else []}
+OPENVINO_CANNOT_READ = {"detr_r50_1x_coco"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=m, id=os.path.basename(p)[:-4]) for p, m in CASES])
 def test_family_onnx_gives_paddle_inference_detections(tmp_path, path):
-    directory = _export(tmp_path / "two_inputs", path)
-    report = __import__("json").load(open(os.path.join(directory, "ppfuse_report.json")))
-    assert report["onnx"]["nodes"].get("BatchNormalization", 0) == 0
-    for name in RUNTIMES:
-        _same_detections(directory, name)
+    name = os.path.basename(path)[:-4]
+    raw_only = RAW_ONLY.get(name, [])
+    runtimes = [r for r in RUNTIMES if not (r == "openvino" and name in OPENVINO_CANNOT_READ)]
+    if set(runtimes) - set(raw_only):
+        directory = _export(tmp_path / "two_inputs", path)
+        report = __import__("json").load(open(os.path.join(directory, "ppfuse_report.json")))
+        assert report["onnx"]["nodes"].get("BatchNormalization", 0) == 0
+        for runtime_name in runtimes:
+            if runtime_name not in raw_only:
+                _same_detections(directory, runtime_name)
+        if OPENVINO and name in OPENVINO_CANNOT_READ:
+            with pytest.raises(InferenceError, match=r"OpenVINO could not read it: [^\n]+$"):
+                runtime.load(directory, "openvino")
+    if raw_only:
+        raw = _export(tmp_path / "raw", path, image_only=True, with_nms=False)
+        for runtime_name in raw_only:
+            _same_raw(raw, runtime_name)
 
 
 PLAIN_CASES = [(CASES[0][0], []), (CASES[1][0], [pytest.mark.slow]), CASES[2],  # one in the default run
@@ -112,7 +131,8 @@ def test_family_plain_graph_in_every_runtime(tmp_path, path):
     for name in ["paddle"] + RUNTIMES:
         assert runtime.load(with_nms, name).input_names == ["image"]
     for name in RUNTIMES:
-        _same_detections(with_nms, name)
+        if name not in RAW_ONLY.get(os.path.basename(path)[:-4], []):  # those: the raw comparison below
+            _same_detections(with_nms, name)
     raw = _export(tmp_path / "raw", path, image_only=True, with_nms=False)
     for name in RUNTIMES:
         _same_raw(raw, name)

@@ -184,6 +184,27 @@ def test_qdq_choice_removes_an_old_nncf_model(raw_export, images, tmp_path):
         assert model.source == INT8_ONNX_FILE
 
 
+def test_a_model_openvino_cannot_read_still_gets_onnx_runtimes_int8(raw_export, images, tmp_path, monkeypatch):
+    """TTFNet's DeformConv, CenterNet's and DETR's graphs: NNCF cannot take what OpenVINO cannot read; the QDQ file
+    for ONNX Runtime is written all the same, and the report says why there is no model_int8.xml."""
+    directory, _, _ = raw_export
+    copy = str(tmp_path / "copy")
+    shutil.copytree(directory, copy, ignore=shutil.ignore_patterns("model_int8.*"))
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("Check 'false' failed\nNo conversion rule found for operations: DeformConv-19\nmore")
+    monkeypatch.setattr(quantize, "quantize_openvino", cannot)
+    lines = []
+    result = quantize.quantize_export(copy, images, quantize.QuantizeSettings(images=2), log=lines.append)
+    assert result.openvino_path is None and os.path.isfile(os.path.join(copy, INT8_ONNX_FILE))
+    assert sorted(n for n in os.listdir(copy) if n.startswith("model_int8")) == [INT8_ONNX_FILE]
+    assert not [n for n in os.listdir(copy) if "staging" in n or n.endswith(".tmp")]
+    record = read_report(copy)["int8"]
+    assert record["openvino_file"] is None
+    assert record["openvino_failure"] == "no conversion rule for operations: DeformConv-19"
+    assert any(line.startswith("no model_int8.xml: OpenVINO cannot read or run model.onnx") for line in lines)
+
+
 # --- SQNR -------------------------------------------------------------------------------------------------------
 
 

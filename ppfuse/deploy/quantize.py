@@ -362,17 +362,29 @@ def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeS
         quantize_onnx(source, staged[target], feeds, settings)
         quantized = onnx.load(staged[target])
         result = QuantizeResult(target, len(conv_nodes(quantized)), quantized_conv_count(quantized), paths, settings)
+        openvino_failure = None
         if settings.openvino == "nncf":
             log("quantizing for OpenVINO with NNCF")
-            result.openvino_quantized_convs = quantize_openvino(source, staged[xml], feeds, settings)
-            result.openvino_path = xml
+            try:
+                result.openvino_quantized_convs = quantize_openvino(source, staged[xml], feeds, settings)
+                result.openvino_path = xml
+            except Exception as exc:  # a model OpenVINO cannot read or compile: ONNX Runtime's file stays
+                from ppfuse.runtime.openvino_runtime import conversion_failure
+                openvino_failure = conversion_failure(exc)
+                log(f"no {INT8_OPENVINO_FILE}: OpenVINO cannot read or run {ONNX_FILE} ({openvino_failure}); "
+                    f"{INT8_ONNX_FILE} is written for ONNX Runtime")
+                for path in (staged.pop(xml), staged.pop(_bin(xml))):
+                    if os.path.exists(path):
+                        os.remove(path)
         report = read_report(model_dir)
         record = asdict(settings)
         record.update(file=INT8_ONNX_FILE, images=len(paths), image_dir=image_dir, convs=result.convs,
                       quantized_convs=result.quantized_convs, op_types=list(settings.op_types),
                       exclude=list(settings.exclude),
-                      openvino_file=INT8_OPENVINO_FILE if result.openvino_path else INT8_ONNX_FILE,
-                      openvino_quantized_convs=result.openvino_quantized_convs if result.openvino_path else None)
+                      openvino_file=(INT8_OPENVINO_FILE if result.openvino_path else
+                                     None if openvino_failure else INT8_ONNX_FILE),
+                      openvino_quantized_convs=result.openvino_quantized_convs if result.openvino_path else None,
+                      openvino_failure=openvino_failure)
         report["int8"] = record
         with open(staged[report_path], "w") as f:
             json.dump(report, f, indent=1)

@@ -80,6 +80,10 @@ def conversion_failure(exc: BaseException) -> str:
     if marker in text:
         return marker[:-1].replace("No conversion rule found", "no conversion rule") + ": " + \
             text.split(marker, 1)[1].strip().splitlines()[0].strip()
+    failed = [line.strip()[3:].split(" with a message")[0] for line in text.splitlines()
+              if line.strip().startswith("-- ") and " with a message" in line]
+    if failed:  # "Failed operations detailed log: -- ArgMax-13 with a message: ..."
+        return "conversion failed for operations: " + ", ".join(dict.fromkeys(failed))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
