@@ -258,6 +258,23 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
     return openvino_int8_convolutions(quantized)
 
 
+def quantize_openvino_or_say_why(source: str, target: str, feeds: Sequence[Mapping[str, np.ndarray]],
+                                 settings: Optional[QuantizeSettings] = None, log: Log = print):
+    """:func:`quantize_openvino`, or, for a model OpenVINO cannot read or run (TTFNet's DeformConv), no file
+    and one logged line: ``(int8 convolutions, None)`` or ``(0, why)``."""
+    try:
+        return quantize_openvino(source, target, feeds, settings), None
+    except Exception as exc:  # ONNX Runtime's file is written all the same
+        from ppfuse.runtime.openvino_runtime import conversion_failure
+        why = conversion_failure(exc)
+        log(f"no {INT8_OPENVINO_FILE}: OpenVINO cannot read or run {ONNX_FILE} ({why}); {INT8_ONNX_FILE} is "
+            "written for ONNX Runtime")
+        for path in (target, _bin(target)):
+            if os.path.exists(path):
+                os.remove(path)
+        return 0, why
+
+
 def openvino_int8_convolutions(model) -> int:
     """Convolutions the CPU plugin runs in int8 (u8/i8) when it compiles ``model`` -- counted from the compiled
     model, as the runtime reports it: a FakeQuantize may sit before a concat or pooling that feeds the conv."""
@@ -365,17 +382,11 @@ def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeS
         openvino_failure = None
         if settings.openvino == "nncf":
             log("quantizing for OpenVINO with NNCF")
-            try:
-                result.openvino_quantized_convs = quantize_openvino(source, staged[xml], feeds, settings)
-                result.openvino_path = xml
-            except Exception as exc:  # a model OpenVINO cannot read or compile: ONNX Runtime's file stays
-                from ppfuse.runtime.openvino_runtime import conversion_failure
-                openvino_failure = conversion_failure(exc)
-                log(f"no {INT8_OPENVINO_FILE}: OpenVINO cannot read or run {ONNX_FILE} ({openvino_failure}); "
-                    f"{INT8_ONNX_FILE} is written for ONNX Runtime")
-                for path in (staged.pop(xml), staged.pop(_bin(xml))):
-                    if os.path.exists(path):
-                        os.remove(path)
+            convs, openvino_failure = quantize_openvino_or_say_why(source, staged[xml], feeds, settings, log)
+            if openvino_failure is None:
+                result.openvino_quantized_convs, result.openvino_path = convs, xml
+            else:
+                del staged[xml], staged[_bin(xml)]
         report = read_report(model_dir)
         record = asdict(settings)
         record.update(file=INT8_ONNX_FILE, images=len(paths), image_dir=image_dir, convs=result.convs,

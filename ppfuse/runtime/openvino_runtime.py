@@ -44,14 +44,18 @@ def _type_name(value) -> str:
     return NAMES.get(text, text)
 
 
+def read_file(ov, core, path: str):
+    """An OpenVINO IR (``.xml``) as it is, an ONNX file through ``convert_model`` (never ``read_model``: above)."""
+    return core.read_model(path) if path.endswith(".xml") else ov.convert_model(path)
+
+
 def openvino_model(ov, core, model_dir: str, path: str):
     """The model OpenVINO compiles for the ONNX file ``path`` of ``model_dir``: the IR beside it when one
     was written (``model.xml`` for ``model.onnx``: the export; ``model_int8.xml`` for ``model_int8.onnx``:
-    NNCF's int8 model, ``tools/quantize.py``), else ``path`` through ``convert_model``; and the file's name."""
+    NNCF's int8 model, ``tools/quantize.py``), else ``path`` itself; and the file's name."""
     ir = {ONNX_FILE: OPENVINO_FILE, INT8_ONNX_FILE: INT8_OPENVINO_FILE}.get(os.path.basename(path))
-    if ir and os.path.isfile(os.path.join(model_dir, ir)):
-        return core.read_model(os.path.join(model_dir, ir)), ir
-    return ov.convert_model(path), os.path.basename(path)
+    chosen = os.path.join(model_dir, ir) if ir and os.path.isfile(os.path.join(model_dir, ir)) else path
+    return read_file(ov, core, chosen), os.path.basename(chosen)
 
 
 def runtime_convolutions(compiled) -> Dict[str, int]:
@@ -70,7 +74,7 @@ def chosen_int8_model(ov, core, model_dir: str, name: str):
     if name not in (INT8_OPENVINO_FILE, INT8_ONNX_FILE) or not os.path.isfile(path):
         raise InferenceError(f"int8 model {name}: use {INT8_OPENVINO_FILE} or {INT8_ONNX_FILE} of {model_dir} "
                              "(written by tools/quantize.py)")
-    return (core.read_model(path) if name.endswith(".xml") else ov.convert_model(path)), name
+    return read_file(ov, core, path), name
 
 
 def conversion_failure(exc: BaseException) -> str:
