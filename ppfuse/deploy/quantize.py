@@ -235,8 +235,7 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
     (fast bias correction). Weights: int8, symmetric, per output channel. Activations: asymmetric (zero
     point, ``MIXED`` preset) by default, symmetric with ``settings.symmetric_activations``; their ranges are
     the calibration images' minimum and maximum, as ONNX Runtime's MinMax takes them (NNCF's default
-    averages each image's extremes, which clipped a random-weight PP-YOLOE's heavy tails: mean box error
-    0.18 of the input size against 0.04 with MinMax).
+    averages each image's extremes, which clipped a random-weight PP-YOLOE's heavy tails; docs/qarepvgg-int8.md).
     """
     settings = settings or QuantizeSettings()
     settings.check()
