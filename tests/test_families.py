@@ -58,13 +58,24 @@ def test_family_exports_and_runs_in_paddle_inference(path, tmp_path):
 
 
 # --------------------------------------------------------------------------------- rewrites for oneDNN
+@pytest.mark.parametrize("factor", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (1, 2, 6, 2)])
-def test_bilinear_x2_rewrite_matches_interpolate(shape):
-    x = paddle.to_tensor(np.random.RandomState(0).normal(size=shape).astype("float32"))
-    expected = F.interpolate(x, scale_factor=2.0, mode="bilinear").numpy()
-    got = forms.nearest_upsample(x, scale_factor=2.0, mode="bilinear").numpy()
+@pytest.mark.parametrize("by_size", [False, True])
+def test_bilinear_by_an_integer_rewrite_matches_interpolate(shape, factor, by_size, monkeypatch):
+    """Slices and weighted sums (no gather, no interp op), given as a factor or as a size that is one
+    (PP-YOLOE-Seg's masks: 4x): Paddle's kernel up to fp32 rounding of its source positions."""
+    x = paddle.to_tensor(np.random.RandomState(factor).normal(size=shape).astype("float32"))
+    kwargs = dict(size=[shape[2] * factor, shape[3] * factor]) if by_size else dict(scale_factor=float(factor))
+    expected = F.interpolate(x, mode="bilinear", **kwargs).numpy()
+
+    def refuse(*args, **more):
+        raise AssertionError("the resize fell back to the gather form or the interp op")
+    monkeypatch.setattr(forms, "_interpolate_by_gather", refuse)
+    monkeypatch.setattr(forms, "_INTERPOLATE", refuse)
+    got = forms.nearest_upsample(x, mode="bilinear", **kwargs).numpy()
     assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    # weights like 1/3 are rounded: fp32 rounding relative to the values' magnitude
+    np.testing.assert_allclose(got, expected, atol=1e-6 * float(np.abs(x.numpy()).max()), rtol=0)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -72,8 +83,8 @@ def test_bilinear_x2_rewrite_matches_interpolate(shape):
     dict(scale_factor=2, mode="bilinear", align_corners=True), dict(size=[8, 11], mode="bilinear", align_corners=True),
     dict(size=[8, 11], mode="bilinear"), dict(scale_factor=1.5, mode="bilinear"),
     dict(size=[9, 3], mode="bilinear", align_mode=1),
-    # an integer multiple that is no bilinear x2 (PP-YOLOE-Seg's mask upsampling: 4x) and a x2 with align_corners
-    dict(size=[20, 28], mode="bilinear"), dict(size=[10, 14], mode="bilinear", align_corners=True)], ids=str)
+    # a x2 with align_corners
+    dict(size=[10, 14], mode="bilinear", align_corners=True)], ids=str)
 def test_any_nearest_or_bilinear_resize_is_rewritten_to_match_interpolate(kwargs):
     """Sizes that are no integer multiple, sizes given as a tensor (BlazeFace's FPN), align_corners (CenterNet's
     DLA neck): gathers and weighted sums, equal to Paddle's op (nearest exactly)."""

@@ -199,3 +199,23 @@ def test_rows_that_are_not_tied_stay_where_they_are():
     assert moved == 0
     np.testing.assert_array_equal(got[0], candidate[0])
     assert np.abs(got[1] - scores).max() > 0.01
+
+
+@pytest.mark.parametrize("images,top_k", [(1, 5), (2, 5), (2, -1)])
+def test_nms_index_after_the_per_class_top_k_numbers_the_input_rows(images, top_k):
+    """PP-YOLOE-Seg gathers mask coefficients with NMS's ``index``: the ONNX form's NMS (each class's top-k
+    first) must return the index Paddle's ``multiclass_nms3`` returns on the whole input."""
+    from ppfuse.ppdet.postprocess import multiclass_nms, onnx_multiclass_nms
+    rng = np.random.RandomState(images)
+    corners = rng.uniform(0, 50, size=(images, 30, 2)).astype("float32")
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 30, size=(images, 30, 2)).astype("float32")], -1)
+    scores = rng.uniform(0, 1, size=(images, 3, 30)).astype("float32")
+    arguments = dict(score_threshold=0.2, nms_top_k=top_k, keep_top_k=20, nms_threshold=0.5, return_index=True)
+    want, want_num, want_index = multiclass_nms(paddle.to_tensor(boxes), paddle.to_tensor(scores), **arguments)
+    got, got_num, got_index = onnx_multiclass_nms(paddle.to_tensor(boxes), paddle.to_tensor(scores), **arguments)
+    np.testing.assert_array_equal(got_num.numpy(), want_num.numpy())
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(got_index.numpy().ravel(), want_index.numpy().ravel())
+    # the index points at the rows whose boxes were kept
+    flat = boxes.reshape(-1, 4)
+    np.testing.assert_array_equal(flat[got_index.numpy().ravel()], got.numpy()[:, 2:6])

@@ -225,7 +225,7 @@ def test_exported_program_has_the_ese_mean_as_pooling(exported):
     with open(os.path.join(raw_result.directory, export_format.REPORT_FILE)) as f:
         rewrites = json.load(f)["rewrites"]
     assert rewrites == {"nearest_upsample": forms.UPSAMPLE_FORM, "leaky_relu": "maximum(x, slope * x)",
-                        "bilinear_x2": "slices and weighted sums",
+                        "bilinear_by_integer": "slices and weighted sums",
                         "ese_mean": "adaptive_avg_pool2d", "conv_bias": "in_conv"}
 
 

@@ -2,7 +2,8 @@
 PaddleDetection's own export.
 
     PYTHONPATH=/path/to/PaddleDetection python tools/ppdet_source.py --ppdet_dir /path/to/PaddleDetection \
-        -c configs/rtdetr/rtdetr_r18vd_6x_coco.yml [-c ...] [--input_size 640 640] [--runs 10] [--threads 2]
+        -c configs/rtdetr/rtdetr_r18vd_6x_coco.yml [-c ...] [--input_size 640 640] [--runs 10] [--threads 2] \
+        [--onnx [--precisions fp32 bf16 int8]]
 
 For each config (relative to --ppdet_dir): random weights (seeded; BatchNorm statistics from generated images)
 are saved as a checkpoint; ppfuse exports it (tools/export_deploy.py's path: convert, verify, write) and
@@ -63,12 +64,14 @@ def _feed(predictor, size):
         predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(values[name]))
 
 
-def _time(predictors, size, runs, warmup):
-    """Median ms of each predictor, rounds interleaved (one run of each per round); a predictor that fails its
-    first run is left out, its error's first line in the second dict."""
+def _time(predictors, size, runs, warmup, others=None, feeds=None):
+    """Median ms of each predictor and of each ppfuse runtime in ``others`` (run on ``feeds``), rounds
+    interleaved (one run of each per round); a predictor that fails its first run is left out, its error's first
+    line in the second dict."""
     import numpy as np
     from ppfuse.errors import first_line
     failed = {}
+    others = others or {}
     for name, predictor in list(predictors.items()):
         _feed(predictor, size)
         try:
@@ -77,13 +80,74 @@ def _time(predictors, size, runs, warmup):
         except Exception as exc:  # Paddle Inference cannot run this program in this setting
             failed[name] = first_line(exc)[:200]
             del predictors[name]
-    times = {name: [] for name in predictors}
+    for runtime in others.values():
+        for _ in range(warmup):
+            runtime.run(feeds)
+    calls = {name: predictor.run for name, predictor in predictors.items()}
+    calls.update({name: (lambda runtime=runtime: runtime.run(feeds)) for name, runtime in others.items()})
+    times = {name: [] for name in calls}
     for _ in range(runs):
-        for name, predictor in predictors.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            predictor.run()
+            call()
             times[name].append((time.perf_counter() - start) * 1000)
     return {name: float(np.median(values)) for name, values in times.items()}, failed
+
+
+def _calibration_images(directory, size, count=4):
+    import cv2
+    import numpy as np
+    os.makedirs(directory, exist_ok=True)
+    for i in range(count):
+        cv2.imwrite(os.path.join(directory, f"{i}.png"), np.random.RandomState(10 + i).randint(
+            0, 255, (size[0], size[1], 3)).astype("uint8"))
+    return directory
+
+
+def _onnx_cells(directory, size, precisions, threads, work):
+    """ppfuse's export in ONNX Runtime and OpenVINO: ``{cell: runtime}`` to time (each cell's detections on the
+    generated image paired with Paddle Inference fp32's) and ``{cell: what it gave}`` for the table."""
+    from ppfuse.deploy import quantize
+    from ppfuse.deploy.inference import split_detections
+    from ppfuse.errors import first_line
+    from ppfuse.measure.runtime_parity import match_detections
+    from ppfuse.runtime import RuntimeOptions, available, load
+    from ppfuse.runtime.base import bf16_supported
+    feeds = _feeds(size, load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).input_names)
+    reference = load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).run(feeds)
+    reference = split_detections(*list(reference.values())[:2])[0]
+    runtimes, cells = {}, {}
+    if "int8" in precisions:
+        try:
+            quantize.quantize_export(directory, _calibration_images(os.path.join(work, "calibration"), size),
+                                     quantize.QuantizeSettings(images=4), log=lambda message: None)
+        except Exception as exc:
+            cells["int8 (tools/quantize.py)"] = f"failed: {first_line(exc)[:200]}"
+            precisions = [p for p in precisions if p != "int8"]
+    for name in ("onnxruntime", "openvino"):
+        for precision in precisions:
+            cell = f"{name} {precision}"
+            if not available(name):
+                cells[cell] = "not installed"
+                continue
+            if precision == "bf16" and not bf16_supported():
+                cells[cell] = "no bf16 on this CPU"
+                continue
+            try:
+                runtime = load(directory, name, RuntimeOptions(precision=precision, cpu_threads=threads))
+                found = list(runtime.run(feeds).values())
+                match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
+                cells[cell] = f"{match.matched} of {match.reference} paired ({match.candidate} found)"
+                runtimes[cell] = runtime
+            except Exception as exc:
+                cells[cell] = f"failed: {first_line(exc)[:200]}"
+    return runtimes, cells, feeds
+
+
+def _feeds(size, names):
+    from ppfuse.ppdet import detectors
+    values = {k: v.numpy() for k, v in detectors.generated_inputs(size, 1, 5).items()}
+    return {name: values[name] for name in names}
 
 
 def run(argv):
@@ -95,6 +159,9 @@ def run(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default="output/ppdet_source")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also model.onnx, run in ONNX Runtime and OpenVINO (see --precisions)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     from ppfuse.measure import results
     results.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -111,7 +178,7 @@ def run(argv):
     for name in args.config:
         path = os.path.join(ppdet_dir, name)
         row = {"config": name, "ppfuse": None, "converted": None, "left": None, "verification": None,
-               "own": None, "ms": {}, "not_run": {}}
+               "own": None, "ms": {}, "not_run": {}, "runtimes": {}}
         os.makedirs(args.output_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix="weights_", dir=args.output_dir)
         weights, result = None, None
@@ -122,7 +189,7 @@ def run(argv):
             weights = os.path.join(work, "random.pdparams")
             save_state(built.model, weights)
             result = export.export(config, os.path.join(args.output_dir, "ppfuse"), weights=weights,
-                                   with_nms=True, log=lambda message: None)
+                                   with_nms=True, onnx=args.onnx, log=lambda message: None)
             conversion = result.built.conversion
             row.update(ppfuse="ok", converted=dict(conversion.counts), left=len(conversion.remaining_batch_norms),
                        verification=result.verification.brief())
@@ -141,8 +208,12 @@ def run(argv):
                 if directory is not None:
                     predictors[f"{key} {'oneDNN' if onednn else 'no oneDNN'}"] = _predictor(directory, args.threads,
                                                                                            onednn)
+        others, feeds = {}, None
+        if args.onnx and result is not None:
+            others, row["runtimes"], feeds = _onnx_cells(result.directory, args.input_size, args.precisions,
+                                                         args.threads, work)
         if predictors:
-            row["ms"], row["not_run"] = _time(predictors, args.input_size, args.runs, args.warmup)
+            row["ms"], row["not_run"] = _time(predictors, args.input_size, args.runs, args.warmup, others, feeds)
         print(f"{name}: ppfuse {row['ppfuse']}; PaddleDetection's export {row['own']}; "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items())
               + "".join(f"; {k} does not run: {v}" for k, v in row["not_run"].items()))
@@ -164,6 +235,14 @@ def run(argv):
                              for r in rows])
             + "\n\n" + results.table(["config"] + [f"{c} ms" for c in cells],
                                      [[r["config"]] + [latency(r, c) for c in cells] for r in rows]))
+    runtime_cells = sorted({cell for row in rows for cell in row["runtimes"]})
+    if runtime_cells:
+        body += ("\n\nppfuse's export in ONNX Runtime and OpenVINO: detections on the generated image paired with "
+                 "Paddle Inference fp32's (same class, corners within 1 px), and median ms in the same rounds as "
+                 "above\n\n" + results.table(
+                     ["config"] + runtime_cells,
+                     [[r["config"]] + [r["runtimes"].get(c, "-") + (f"; {r['ms'][c]:.1f} ms" if c in r["ms"] else "")
+                                       for c in runtime_cells] for r in rows]))
     print(body)
     written = results.write("ppdet_source", "ppfuse on a PaddleDetection source checkout", body,
                             {"ppdet_dir": ppdet_dir, "commit": commit, "rows": rows}, results_dir,

@@ -5,6 +5,7 @@ outputs differ from the training form beyond tolerance.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -85,6 +86,8 @@ class VerificationResult:
     rtol: float
     # set when the outputs exceed atol/rtol and the original was also run in float64
     rounding: Optional[RoundingCheck] = None
+    # set when the compared runs made the original's top-k choices (:class:`TopKReplay`): what was replayed
+    replayed: str = ""
     # the criterion that passed this result, to judge further candidates the same way (set by convert)
     judged: Optional[Callable[[Dict[str, np.ndarray]], "VerificationResult"]] = field(default=None, repr=False,
                                                                                       compare=False)
@@ -125,6 +128,8 @@ class VerificationResult:
     def brief(self) -> str:
         """One line: the largest errors, which criterion decided, and why."""
         errors = f"max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}"
+        if self.replayed:
+            errors = f"{self.replayed}: {errors}"
         tolerance = f"atol {self.atol:g}, rtol {self.rtol:g}"
         if self.within_tolerance:
             return f"{errors}: within tolerance ({tolerance})"
@@ -144,6 +149,69 @@ class VerificationResult:
         return {"atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
                 "outputs": [vars(o) | {"shape": list(o.shape)} for o in self.outputs],
                 "float64_check": vars(self.rounding) if self.rounding else None}
+
+
+class TopKReplay:
+    """``paddle.topk``'s choices recorded in one run and replayed in the others, so that compared forms of a
+    model make the same discrete choices.
+
+    A model that selects by top-k (RT-DETR picks its decoder queries from the encoder's scores) turns an
+    fp32-rounding difference of two near-tied scores into another selection, and its outputs then differ by
+    whole rows -- between the original and its float64 evaluation as much as between the original and the
+    converted model. Replayed, every run gathers the values at the original's indices (the values are still
+    each run's own) and the comparison sees the continuous function again; :attr:`changed` counts the indices
+    a run would have chosen otherwise. The runs must call ``paddle.topk`` in the same order with the same
+    shapes; otherwise :meth:`replay` raises :class:`VerificationError`.
+    """
+
+    def __init__(self):
+        self.indices: List[np.ndarray] = []
+        self.changed = 0
+        self.total = 0
+
+    @contextlib.contextmanager
+    def _topk(self, replacement):
+        original = paddle.topk
+
+        def topk(x, k, axis=None, largest=True, sorted=True, name=None):
+            values, index = original(x, k, axis=axis, largest=largest, sorted=sorted)
+            return replacement(x, -1 if axis is None else axis, values, index)
+        paddle.topk = topk
+        try:
+            yield self
+        finally:
+            paddle.topk = original
+
+    def record(self):
+        """While active, each ``paddle.topk`` call's indices are kept (in call order)."""
+        def keep(x, axis, values, index):
+            self.indices.append(index.numpy())
+            return values, index
+        self.indices = []
+        return self._topk(keep)
+
+    def replay(self):
+        """While active, the i-th ``paddle.topk`` call returns the i-th recorded indices and the values of its
+        own input there."""
+        calls = iter(range(len(self.indices)))
+
+        def replayed(x, axis, values, index):
+            i = next(calls, None)
+            if i is None or tuple(self.indices[i].shape) != tuple(index.shape):
+                raise VerificationError(
+                    f"paddle.topk call {len(self.indices) + 1 if i is None else i + 1} of the compared run does not "
+                    f"match the original's ({len(self.indices)} calls recorded): the forms take different paths, "
+                    "their outputs cannot be compared choice for choice")
+            chosen = paddle.to_tensor(self.indices[i]).astype(index.dtype)
+            self.changed += int((index.numpy() != self.indices[i]).sum())
+            self.total += int(self.indices[i].size)
+            return paddle.take_along_axis(x, chosen, axis=axis), chosen
+        self.changed = self.total = 0
+        return self._topk(replayed)
+
+    def describe(self) -> str:
+        return (f"with the original's top-k choices replayed ({len(self.indices)} paddle.topk calls; {self.changed} "
+                f"of {self.total} chosen indices would differ)")
 
 
 def float64_copy(model):

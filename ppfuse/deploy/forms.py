@@ -6,7 +6,7 @@ Paddle function for one computing the same values in a form the runtime runs (an
 on while tracing *and* while verifying the deployed model, so each form is verified with the rest:
 
 * every ``F.interpolate``: nearest x-integer upsampling as a transposed conv with an identity kernel,
-  bilinear x2 as slices and weighted sums, any other nearest/bilinear resize as gathers;
+  bilinear by an integer factor as slices and weighted sums, any other nearest/bilinear resize as gathers;
 * ``F.leaky_relu(x, s)`` as ``maximum(x, s * x)`` for ``s`` in [0, 1];
 * ``nn.Conv2D``'s bias as a ``[C, 1, 1]`` add (``conv_bias="channel_add"``), the form Paddle's plain CPU
   kernels (oneDNN off) broadcast fast; the default keeps Paddle's own form, which oneDNN fuses.
@@ -35,7 +35,8 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
     """``F.interpolate`` with nearest x-integer upsampling written as a transposed conv
     (:func:`upsample_by_deconv`; reshape+expand+reshape where the channel count is not static, or with
     ``deconv=False``), and
-    bilinear x2 (half-pixel) as slices and weighted sums (:func:`_bilinear_x2`): oneDNN fails on both
+    bilinear by an integer factor (half-pixel) as slices and weighted sums (:func:`_bilinear_by_integer`):
+    oneDNN fails on both
     interp ops.
 
     Nearest: ``out[i, j] = in[i // s, j // s]`` exactly (the transposed conv turns -0.0 into +0.0, the same
@@ -58,8 +59,9 @@ def nearest_upsample(x=None, size=None, scale_factor=None, mode="nearest", align
             and size[0] % x.shape[2] == 0 and size[0] // x.shape[2] == size[1] / x.shape[3]:
         factor, size = size[0] // x.shape[2], None
     if (mode == "bilinear" and size is None and data_format == "NCHW" and not align_corners and align_mode == 0
-            and isinstance(factor, (int, float)) and float(factor) == 2.0):
-        return _bilinear_x2(_bilinear_x2(x, 3), 2)
+            and isinstance(factor, (int, float)) and float(factor) == int(factor) and int(factor) >= 2
+            and len(x.shape) == 4 and all(isinstance(v, int) and v > 0 for v in x.shape[2:])):
+        return _bilinear_by_integer(_bilinear_by_integer(x, 3, int(factor)), 2, int(factor))
     if (mode != "nearest" or size is not None or data_format != "NCHW" or not isinstance(factor, (int, float))
             or float(factor) != int(factor) or int(factor) < 1):
         if mode in ("nearest", "bilinear") and data_format == "NCHW" and len(x.shape) == 4:
@@ -99,22 +101,28 @@ def upsample_by_deconv(x, factor: int):
     return F.conv2d_transpose(x, paddle.to_tensor(weight, dtype=x.dtype), stride=factor, groups=groups)
 
 
-def _bilinear_x2(x, axis: int):
-    """Bilinear x2 upsampling (half-pixel centres: ``align_corners=False, align_mode=0``) along one axis of
-    an NCHW tensor: output ``2i`` is ``0.25 x[i-1] + 0.75 x[i]``, ``2i+1`` is ``0.75 x[i] + 0.25 x[i+1]``, the
-    border repeated -- the weights and order of Paddle's kernel (which interpolates along W, then H)."""
+def _bilinear_by_integer(x, axis: int, s: int):
+    """Bilinear upsampling by an integer ``s >= 2`` (half-pixel centres: ``align_corners=False, align_mode=0``)
+    along one axis of an NCHW tensor, as slices and weighted sums: output ``s*i + r`` samples the input at
+    ``i + d`` with ``d = (r + 0.5) / s - 0.5`` in (-0.5, 0.5), so it is ``-d x[i-1] + (1 + d) x[i]`` for
+    ``d < 0`` and ``(1 - d) x[i] + d x[i+1]`` otherwise, the border repeated (the kernel clamps the source
+    position at 0 and the upper neighbour at the last row). For ``s = 2``: ``0.25 x[i-1] + 0.75 x[i]`` and
+    ``0.75 x[i] + 0.25 x[i+1]``, the weights and order of Paddle's kernel (which interpolates along W, then
+    H); for other ``s`` its weights up to fp32 rounding of the source position."""
     n = x.shape[axis]
     first = paddle.slice(x, [axis], [0], [1])
     last = paddle.slice(x, [axis], [n - 1], [n])
     padded = paddle.concat([first, x, last], axis=axis)
     left = paddle.slice(padded, [axis], [0], [n])
     right = paddle.slice(padded, [axis], [2], [n + 2])
-    even = left * 0.25 + x * 0.75
-    odd = x * 0.75 + right * 0.25
-    out = paddle.stack([even, odd], axis=axis + 1)
+    phases = []
+    for r in range(s):
+        d = (r + 0.5) / s - 0.5
+        phases.append(left * (-d) + x * (1.0 + d) if d < 0 else x * (1.0 - d) + right * d)
+    out = paddle.stack(phases, axis=axis + 1)
     shape = list(x.shape)
-    shape[axis] = 2 * n
-    return out.reshape([-1 if i == 0 else s for i, s in enumerate(shape)])
+    shape[axis] = s * n
+    return out.reshape([-1 if i == 0 else v for i, v in enumerate(shape)])
 
 
 def _interpolate_by_gather(x, size, scale_factor, mode: str, align_corners: bool, align_mode: int):
@@ -151,7 +159,7 @@ def _interpolate_by_gather(x, size, scale_factor, mode: str, align_corners: bool
             ratio = (1.0 / scale) if scale > 0 else float(in_n) / out_f
         if mode == "nearest":
             index = paddle.floor(ratio * k + (0.5 if align_corners else 0.0)).astype("int64")
-            y = paddle.index_select(y, paddle.clip(index, 0, in_n - 1), axis=axis)
+            y = paddle.gather(y, paddle.clip(index, 0, in_n - 1), axis=axis)
             continue
         half = (not align_corners) and align_mode == 0
         source = paddle.clip(ratio * (k + 0.5) - 0.5, min=0.0) if half else ratio * k
@@ -162,7 +170,7 @@ def _interpolate_by_gather(x, size, scale_factor, mode: str, align_corners: bool
         shape = [1, 1, 1, 1]
         shape[axis] = -1
         weight = weight.reshape(shape)
-        y = paddle.index_select(y, low, axis=axis) * (1.0 - weight) + paddle.index_select(y, high, axis=axis) * weight
+        y = paddle.gather(y, low, axis=axis) * (1.0 - weight) + paddle.gather(y, high, axis=axis) * weight
     return y
 
 
@@ -263,5 +271,5 @@ def program_forms(conv_bias: str = DEFAULT_CONV_BIAS, speed_forms: bool = True, 
 def forms_report(conv_bias: str = DEFAULT_CONV_BIAS, speed_forms: bool = True) -> Dict[str, str]:
     """What :func:`program_forms` wrote, for ``ppfuse_report.json``."""
     return {"nearest_upsample": UPSAMPLE_FORM if speed_forms else "reshape+expand+reshape",
-            "leaky_relu": "maximum(x, slope * x)", "bilinear_x2": "slices and weighted sums",
+            "leaky_relu": "maximum(x, slope * x)", "bilinear_by_integer": "slices and weighted sums",
             "conv_bias": conv_bias}

@@ -59,7 +59,7 @@ from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_
                                   program_file, require_paddle_3)
 from ppfuse.runtime.base import RuntimeOptions
 from ppfuse.runtime.paddle_inference import create_predictor, run_predictor
-from ppfuse.core.verify import VerificationResult, compare, judge
+from ppfuse.core.verify import TopKReplay, VerificationResult, compare, judge
 from ppfuse.deploy.forms import CONV_BIAS_FORMS, DEFAULT_CONV_BIAS, forms_report, patched, program_forms
 from ppfuse.deploy.program import COUNTED_OPS, count_ops, inputs_used
 
@@ -216,16 +216,21 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
     Raises :class:`VerificationError` otherwise.
     """
     inputs = detectors.sample_inputs(size, 1, seed, detectors.input_names(training_model))
-    original = detectors.raw_outputs(training_model, inputs, size)
+    choices = TopKReplay()
+    with choices.record():
+        original = detectors.raw_outputs(training_model, inputs, size)
     with deploy_rewrites(conv_bias, speed_forms):
         candidate = detectors.raw_outputs(deployed, inputs, size)
     reference, candidate = detectors.normalize_like(original, candidate)
 
-    def float64_reference():
+    def float64_reference(replay: bool = False):
         from ppfuse.core.verify import float64_copy
         try:
-            exact = detectors.raw_outputs(float64_copy(training_model), [t.astype("float64") for t in inputs],
-                                          size)
+            with choices.replay() if replay else contextlib.nullcontext():
+                exact = detectors.raw_outputs(float64_copy(training_model),
+                                              [t.astype("float64") for t in inputs], size)
+        except VerificationError:
+            raise
         except Exception as exc:  # a ppdet module that cannot compute in float64
             raise VerificationError(f"deployed model differs from the original beyond tolerance "
                                     f"({compare(reference, candidate, atol, rtol).brief()}), and the float64 "
@@ -233,6 +238,14 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
                                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         return detectors.normalize_like(original, exact)[1]
     result = judge(reference, candidate, atol, rtol, float64_reference)
+    if not result.ok and choices.indices:
+        # a top-k selection (RT-DETR's queries) turned rounding into other rows: compare with the original's
+        # choices, each run's own values (TopKReplay)
+        with deploy_rewrites(conv_bias, speed_forms), choices.replay():
+            replayed = detectors.normalize_like(original, detectors.raw_outputs(deployed, inputs, size))[1]
+        description = choices.describe()
+        result = judge(reference, replayed, atol, rtol, lambda: float64_reference(replay=True))
+        result.replayed = description
     if not result.ok:
         raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
     return result

@@ -168,9 +168,11 @@ def pir_traceable_postprocess() -> Iterator[Dict[str, object]]:
 # each computes what the op of the same name computes, in ops paddle2onnx maps exactly.
 
 
-def per_class_top_k(boxes, scores, top_k: int):
+def per_class_top_k(boxes, scores, top_k: int, with_source: bool = False):
     """``boxes [N, A, 4]``, ``scores [N, C, A]`` -> ``[N, C*k, 4]``, ``[N, C, C*k]``: class c's ``k`` best boxes
-    only (its block of the scores; zero elsewhere), ``k = min(top_k, A)`` (all for ``top_k <= 0``).
+    only (its block of the scores; zero elsewhere), ``k = min(top_k, A)`` (all for ``top_k <= 0``). With
+    ``with_source`` also ``[N*C*k]``: each chosen row's index in the flattened ``[N*A]`` input, the numbering
+    of ``multiclass_nms3``'s ``index`` output (image ``n``'s box ``a`` is ``n*A + a``).
 
     Paddle's ``multiclass_nms3`` hands NMS each class's ``nms_top_k`` best boxes; ONNX ``NonMaxSuppression``
     (what paddle2onnx makes of it) reads ``nms_top_k`` as the number of boxes it *keeps* per class and gets
@@ -183,7 +185,10 @@ def per_class_top_k(boxes, scores, top_k: int):
     chosen = paddle.take_along_axis(boxes, flat, axis=1)
     eye = paddle.eye(classes, dtype=scores.dtype).reshape([1, classes, classes, 1])
     block = (eye * top_scores.unsqueeze(1)).reshape([0, classes, classes * k])
-    return chosen, block
+    if not with_source:
+        return chosen, block
+    images = paddle.arange(paddle.shape(index)[0], dtype=index.dtype).reshape([-1, 1]) * anchors
+    return chosen, block, (index.reshape([0, classes * k]) + images).reshape([-1])
 
 
 def onnx_multiclass_nms(bboxes, scores, score_threshold: float, nms_top_k: int, keep_top_k: int,
@@ -204,9 +209,13 @@ def onnx_multiclass_nms(bboxes, scores, score_threshold: float, nms_top_k: int, 
                           "without --onnx for Paddle Inference")
     if float(nms_eta) < 1.0:
         raise _unsupported("multiclass_nms (ONNX)", "nms_eta", nms_eta, "ONNX NMS has a fixed threshold (1.0)")
-    bboxes, scores = per_class_top_k(bboxes, scores, int(nms_top_k))
-    return multiclass_nms(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
-                          nms_eta, background_label, return_index, return_rois_num, rois_num, name)
+    bboxes, scores, source = per_class_top_k(bboxes, scores, int(nms_top_k), with_source=True)
+    out, out_num, index = multiclass_nms(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold,
+                                         normalized, nms_eta, background_label, return_index, return_rois_num,
+                                         rois_num, name)
+    if index is not None:  # NMS numbered the chosen rows; the caller gathers from the input's rows
+        index = paddle.gather(source, index.reshape([-1])).reshape([-1, 1])
+    return out, out_num, index
 
 
 def onnx_box_coder(prior_box, prior_box_var, target_box, code_type: str = "encode_center_size",
