@@ -5,7 +5,10 @@
 
 For each precision (int8 needs model_int8.onnx, tools/quantize.py) the export runs --runs times on a generated
 image with OpenVINO's PERF_COUNT on; the table gives milliseconds per run by node type and kernel (which
-names the implementation and precision it ran), and the total the counters add up to. Run nothing else meanwhile.
+names the implementation and precision it ran), and the total the counters add up to; then the convolutions
+grouped by geometry (channels, kernel, input and output size) with their milliseconds in each precision side by
+side and the ratio of each precision to the first, to see which convolutions a lower precision speeds up. Run
+nothing else meanwhile.
 Writes output_dir/openvino_profile.md and the dated result <results_dir>/openvino_profile/<date>_<cpu>.md and
 .json (--results_dir '' or --no_results: none).
 """
@@ -18,6 +21,51 @@ if "--debug" not in sys.argv:
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ppfuse import cli  # noqa: E402
+
+
+CONVOLUTIONS = ("Convolution", "GroupConvolution")
+
+
+def geometry(node) -> str:
+    """``Cin->Cout kxk, HxW->hxw`` of a convolution node (``groups g`` for a grouped one)."""
+    weights, given, output = node["weights"] or [], node["input"] or [], node["output"] or []
+    if len(weights) == 5:  # grouped: [G, Cout/G, Cin/G, kh, kw]
+        text = f"{weights[0] * weights[2]}->{weights[0] * weights[1]} {weights[3]}x{weights[4]}, groups {weights[0]}"
+    elif len(weights) == 4:
+        text = f"{weights[1]}->{weights[0]} {weights[2]}x{weights[3]}"
+    else:
+        text = "?"
+    if len(given) == 4 and len(output) == 4:
+        text += f", {given[2]}x{given[3]}->{output[2]}x{output[3]}"
+    return text
+
+
+def convolution_table(profiles, results):
+    """Convolutions grouped by :func:`geometry`: count, ms per run in each profiled precision, ratio to the
+    first precision; sorted by the first precision's time."""
+    precisions = [p["precision"] for p in profiles]
+    groups = {}
+    for profile in profiles:
+        for node in profile["node_list"]:
+            if node["node_type"] in CONVOLUTIONS:
+                group = groups.setdefault(geometry(node), {"names": set()})
+                group["names"].add(node["name"])
+                group[profile["precision"]] = group.get(profile["precision"], 0.0) + node["ms"]
+    first = precisions[0]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1].get(first, 0.0))
+    rows = []
+    for key, group in ranked:
+        row = [key, str(len(group["names"]))] + [f"{group[p]:.2f}" if p in group else "-" for p in precisions]
+        row += [f"{group[p] / group[first]:.2f}" if p in group and group.get(first) else "-" for p in precisions[1:]]
+        rows.append(row)
+    totals = ["all convolutions", str(sum(len(g["names"]) for g in groups.values()))]
+    sums = {p: sum(g.get(p, 0.0) for g in groups.values()) for p in precisions}
+    totals += [f"{sums[p]:.2f}" for p in precisions]
+    totals += [f"{sums[p] / sums[first]:.2f}" if sums[first] else "-" for p in precisions[1:]]
+    rows.append(totals)
+    header = (["convolution (channels, kernel, input->output)", "count"] + [f"{p} ms" for p in precisions]
+              + [f"{p} / {first}" for p in precisions[1:]])
+    return results.table(header, rows, "lr" + "r" * (len(header) - 2))
 
 
 def run(argv):
@@ -46,7 +94,10 @@ def run(argv):
         model = OpenVINO(args.model_dir, runtime.RuntimeOptions(precision=precision, cpu_threads=args.threads),
                          perf_count=True)
         report = model.confirm_precision(feeds)
-        times = model.profile(feeds, args.runs)
+        nodes = model.node_profile(feeds, args.runs)
+        times = {}
+        for node in nodes:
+            times[(node["node_type"], node["kernel"])] = times.get((node["node_type"], node["kernel"]), 0.0) + node["ms"]
         total = sum(times.values())
         ranked = sorted(times.items(), key=lambda kv: -kv[1])
         rows = [[node_type, f"`{kernel}`", f"{ms:.2f}", f"{ms / total:.0%}"] for (node_type, kernel), ms in
@@ -58,7 +109,10 @@ def run(argv):
                   results.table(["node type", "kernel", "ms per run", "share"], rows, "llrr"), ""]
         profiles.append({"precision": precision, "ran": report.line(), "total_ms_per_run": total,
                          "nodes": [{"node_type": node_type, "kernel": kernel, "ms_per_run": ms}
-                                   for (node_type, kernel), ms in ranked]})
+                                   for (node_type, kernel), ms in ranked], "node_list": nodes})
+    if len(profiles) > 1:
+        lines += ["### Convolutions by geometry, ms per run in each precision", "",
+                  convolution_table(profiles, results), ""]
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.output_dir, exist_ok=True)

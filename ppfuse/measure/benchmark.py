@@ -131,6 +131,9 @@ def cpu_rows(threads: int, extra_deleted: Sequence[Sequence[str]] = (), log: Cal
                 # the row above runs NNCF's model_int8.xml; this one ONNX Runtime's QDQ file, for comparison
                 rows.append(Row(f"{title} int8 ({INT8_ONNX_FILE})", name,
                                 options(precision=precision, int8_model=INT8_ONNX_FILE)))
+            if name == "openvino" and precision == "int8" and bf16:
+                # what NNCF left float (concats, element-wise ops, the head's tail) in bf16 instead of fp32
+                rows.append(Row(f"{title} int8, rest bf16", name, options(precision=precision, int8_rest="bf16")))
     if not bf16:
         log(f"not measured: bf16 rows: this CPU ({runtimes.cpu_model()}) has no bf16 instructions")
     return rows

@@ -45,6 +45,7 @@ class RuntimeOptions:
     gpu_memory_mb: int = 500
     gpu_id: int = 0
     int8_model: str = ""  # OpenVINO int8: this file of the export (default: model_int8.xml if written, else .onnx)
+    int8_rest: str = "fp32"  # OpenVINO int8: the precision of what is not quantized (fp32, or bf16 on a bf16 CPU)
 
 
 @dataclass
@@ -133,6 +134,13 @@ def check_options(options: RuntimeOptions, runtime: str) -> None:
     if options.cpu_threads < 1:
         raise InferenceError(f"--cpu_threads {options.cpu_threads}: use 1 or more")
     if options.device == "cpu" and options.precision == "bf16":
+        require_bf16()
+    if options.int8_rest not in ("fp32", "bf16"):
+        raise InferenceError(f"--int8_rest {options.int8_rest}: use fp32 or bf16")
+    if options.int8_rest == "bf16":
+        if options.precision != "int8" or runtime != "openvino":
+            raise InferenceError("--int8_rest bf16 sets what OpenVINO runs outside the int8 convolutions; use it with "
+                                 "--runtime openvino --precision int8")
         require_bf16()
 
 

@@ -14,9 +14,10 @@ The precision is always given as ``INFERENCE_PRECISION_HINT`` (f32 or bf16):
 left unset, OpenVINO runs bf16 on any CPU with bf16 instructions, a silent
 change of the numbers. What ran is read back from the compiled model: its
 precision hint and the runtime precision of every convolution it executes.
-int8 compiles ``model_int8.onnx`` (QDQ, ``tools/quantize.py``) with the hint
-f32, so that what is not quantized runs f32; its low-precision transformations
-turn the QDQ convs into u8/i8 convolutions, counted from the runtime model.
+int8 compiles the int8 model (NNCF's ``model_int8.xml`` or the QDQ ``model_int8.onnx``, ``tools/quantize.py``)
+with the hint f32, so that what is not quantized runs f32, or with ``RuntimeOptions.int8_rest="bf16"`` the
+hint bf16 (what is not quantized runs bf16); its low-precision transformations turn the quantized convs into
+u8/i8 convolutions, counted from the runtime model.
 Needs the ``[openvino]`` extra.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ppfuse.export_format import INT8_ONNX_FILE, INT8_OPENVINO_FILE, ONNX_FILE, 
 from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
 from ppfuse.runtime.onnx_runtime import int8_report, onnx_path
 
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the model's QDQ nodes
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the model's quantize nodes
 INT8_TYPES = ("u8", "i8")
 NAMES = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
 
@@ -113,7 +114,8 @@ class OpenVINO(Runtime):
         ov = require_module("openvino", "--runtime openvino", "openvino", InferenceError)
         path = onnx_path(model_dir, self.title, self.options.precision)
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": HINTS[self.options.precision],
+        hint = HINTS[self.options.int8_rest] if self.options.precision == "int8" else HINTS[self.options.precision]
+        config = {"INFERENCE_PRECISION_HINT": hint,
                   "INFERENCE_NUM_THREADS": self.options.cpu_threads, "PERFORMANCE_HINT": "LATENCY"}
         if perf_count:  # per-node execution times (:meth:`profile`)
             config["PERF_COUNT"] = True
@@ -145,19 +147,38 @@ class OpenVINO(Runtime):
         return f"{self.title} {self.version} {self.options.precision}"
 
     def profile(self, inputs: Mapping[str, np.ndarray], runs: int = 10) -> Dict[tuple, float]:
-        """Milliseconds per run spent in each ``(node type, kernel)`` OpenVINO executed -- its per-node
-        performance counters (load with ``perf_count=True``), summed over nodes, averaged over ``runs``
-        after one warm-up run. The kernel names the implementation and precision (``brgconv_avx512_bf16``,
+        """Milliseconds per run spent in each ``(node type, kernel)`` OpenVINO executed (:meth:`node_profile`
+        summed over nodes). The kernel names the implementation and precision (``brgconv_avx512_bf16``,
         ``brgconv_avx512_I8``, ``jit_avx512_FP32`` ...)."""
+        totals: Counter = Counter()
+        for node in self.node_profile(inputs, runs):
+            totals[(node["node_type"], node["kernel"])] += node["ms"]
+        return dict(totals)
+
+    def node_profile(self, inputs: Mapping[str, np.ndarray], runs: int = 10) -> List[dict]:
+        """Each executed node of the runtime model: name, node type, kernel, milliseconds per run from
+        OpenVINO's per-node performance counters (load with ``perf_count=True``; averaged over ``runs`` after
+        one warm-up run), and its first input's, its weights' and its output's shapes."""
         feeds = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
         self.request.infer(feeds)
         totals: Counter = Counter()
+        kinds = {}
         for _ in range(runs):
             self.request.infer(feeds)
             for info in self.request.get_profiling_info():
                 if info.status.name == "EXECUTED":
-                    totals[(info.node_type, info.exec_type)] += info.real_time.total_seconds() * 1000.0
-        return {key: value / runs for key, value in totals.items()}
+                    totals[info.node_name] += info.real_time.total_seconds() * 1000.0
+                    kinds[info.node_name] = (info.node_type, info.exec_type)
+        ops = {op.get_friendly_name(): op for op in self.compiled.get_runtime_model().get_ordered_ops()}
+
+        def shape(op, index, output=False):
+            if op is None or index >= (op.get_output_size() if output else op.get_input_size()):
+                return None
+            partial = op.get_output_partial_shape(index) if output else op.get_input_partial_shape(index)
+            return [d.get_length() if d.is_static else -1 for d in partial]
+        return [{"name": name, "node_type": kinds[name][0], "kernel": kinds[name][1], "ms": ms / runs,
+                 "input": shape(ops.get(name), 0), "weights": shape(ops.get(name), 1),
+                 "output": shape(ops.get(name), 0, output=True)} for name, ms in totals.items()]
 
     def convolution_precisions(self) -> Dict[str, int]:
         """Convolutions of the compiled (runtime) model by the precision they execute in."""
