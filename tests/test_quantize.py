@@ -185,7 +185,7 @@ def test_qdq_choice_removes_an_old_nncf_model(raw_export, images, tmp_path):
 
 
 def test_a_model_openvino_cannot_read_still_gets_onnx_runtimes_int8(raw_export, images, tmp_path, monkeypatch):
-    """TTFNet's DeformConv, CenterNet's and DETR's graphs: NNCF cannot take what OpenVINO cannot read; the QDQ file
+    """An operator OpenVINO has no conversion rule for: NNCF cannot take what OpenVINO cannot read; the QDQ file
     for ONNX Runtime is written all the same, and the report says why there is no model_int8.xml."""
     directory, _, _ = raw_export
     copy = str(tmp_path / "copy")

@@ -28,7 +28,8 @@ from ppfuse.runtime.paddle_inference import PaddleInference
 from ppfuse.core.verify import compare
 from ppfuse.deploy.program import count_ops
 
-__all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "repair_group_norm_epsilons", "node_counts", "session",
+__all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "repair_group_norm_epsilons",
+           "repair_deform_conv_offset_groups", "integer_max_in_int64", "node_counts", "session",
            "run_onnx", "check_against_paddle", "check_extra_outputs", "order_tied_rows", "name_outputs",
            "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
 # the scores' tolerance when raw rows are paired across a top-k's near ties (the export's tenfold check of them)
@@ -72,8 +73,10 @@ def _paddle2onnx(program: str, params: str, onnx_path: str, opset: int) -> None:
 
 def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
     """Convert ``model_dir``'s ``model.json``/``model.pdiparams`` to ``onnx_path`` with paddle2onnx, conv biases
-    put back into their convs (:func:`fuse_conv_bias_adds`), ``group_norm``'s epsilon put back where paddle2onnx
-    loses it (:func:`repair_group_norm_epsilons`), nodes in topological order.
+    put back into their convs (:func:`fuse_conv_bias_adds`), what paddle2onnx loses put back (``group_norm``'s
+    epsilon: :func:`repair_group_norm_epsilons`; ``deformable_conv``'s groups of offsets:
+    :func:`repair_deform_conv_offset_groups`), its float64 maximum of integers computed in int64 so that OpenVINO
+    knows every rank (:func:`integer_max_in_int64`), nodes in topological order.
 
     paddle2onnx ends the whole process (``abort``) on an operator it cannot convert, without naming it. So a
     program with an operator outside its list (:func:`unconvertible_ops`) is converted in a child process, and
@@ -81,11 +84,17 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
 
     Raises:
         ExportError: one line naming the operators paddle2onnx cannot convert, or its failure; a
-            ``group_norm`` epsilon that cannot be put back.
+            ``deformable_conv`` without a mask; a ``group_norm`` epsilon or ``deformable_conv`` groups that
+            cannot be put back.
     """
     require_module("paddle2onnx", "ONNX support", "onnx", ExportError)
     program = program_file(model_dir)
     params = os.path.join(model_dir, PARAMS_FILE)
+    if deformable_convs_without_mask(program):
+        raise ExportError(f"{model_dir}: {deformable_convs_without_mask(program)} deformable_conv op(s) without a "
+                          "mask, which paddle2onnx 2.1 cannot convert (it fails on the missing input); give "
+                          "deform_conv2d a mask of ones (the same function), or export without --onnx for Paddle "
+                          "Inference")
     suspects = unconvertible_ops(model_dir)
     if suspects:
         code = ("import sys; sys.path.insert(0, sys.argv[5]); from ppfuse.deploy.onnx_support import _paddle2onnx; "
@@ -99,13 +108,17 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
     else:
         try:
             _paddle2onnx(program, params, onnx_path, opset)
+        except SystemExit as exc:  # paddle2onnx logs its error, then calls sys.exit
+            raise ExportError(f"{model_dir}: paddle2onnx failed (it logged why above and exited with code "
+                              f"{exc.code})") from None
         except Exception as exc:
             raise ExportError(f"{model_dir}: paddle2onnx failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not os.path.exists(onnx_path):
         raise ExportError(f"{model_dir}: paddle2onnx wrote no {onnx_path}")
     onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
     model = onnx.load(onnx_path)
-    repaired = repair_group_norm_epsilons(model, program)
+    repaired = repair_group_norm_epsilons(model, program) + repair_deform_conv_offset_groups(model, program) + \
+        integer_max_in_int64(model)
     if fuse_conv_bias_adds(model) or repaired:
         topological_sort(model.graph)
         try:
@@ -115,15 +128,15 @@ def to_onnx(model_dir: str, onnx_path: str, opset: int = DEFAULT_OPSET) -> str:
             # after them; ONNX Runtime runs them, and the export's check that follows is the judge
             if "topologically sorted" not in str(exc) or "sub_block" not in str(exc):
                 raise ExportError(f"{onnx_path}: not a valid ONNX model after fusing conv biases and repairing "
-                                  "group_norm epsilons: "
+                                  "paddle2onnx's graph: "
                                   f"{str(exc).splitlines()[0][:200]}") from None
         onnx.save(model, onnx_path)
     return onnx_path
 
 
-def program_attributes(program: str, op_name: str) -> List[Dict[str, object]]:
-    """The attributes (name -> value) of every ``op_name`` op of a saved PIR program (``model.json``), in
-    program order, ops inside ``if``/loop regions included; ``[]`` for an older program format."""
+def _program_ops(program: str, op_name: str) -> List[Dict[str, object]]:
+    """Every ``op_name`` op of a saved PIR program (``model.json``) as serialized, in program order, ops inside
+    ``if``/loop regions included; ``[]`` for an older program format."""
     if not program.endswith(".json"):
         return []
     import json
@@ -136,11 +149,24 @@ def program_attributes(program: str, op_name: str) -> List[Dict[str, object]]:
             for block in region.get("blocks", []):
                 for op in block.get("ops", []):
                     if op["#"].split(".")[-1].rstrip("_") == op_name:
-                        found.append({a["N"]: a.get("AT", {}).get("D") for a in op.get("A", [])
-                                      if isinstance(a, dict) and "N" in a})
+                        found.append(op)
                     walk(op.get("regions"))
     walk(data["program"]["regions"])
     return found
+
+
+def program_attributes(program: str, op_name: str) -> List[Dict[str, object]]:
+    """The attributes (name -> value) of every ``op_name`` op of a saved PIR program (``model.json``), in
+    program order, ops inside ``if``/loop regions included; ``[]`` for an older program format."""
+    return [{a["N"]: a.get("AT", {}).get("D") for a in op.get("A", []) if isinstance(a, dict) and "N" in a}
+            for op in _program_ops(program, op_name)]
+
+
+def deformable_convs_without_mask(program: str) -> int:
+    """How many ``deformable_conv`` ops of a saved PIR program have no mask (their mask operand is the null
+    value, ``%0``: ``deform_conv2d(..., mask=None)``, deformable conv v1)."""
+    return sum(1 for op in _program_ops(program, "deformable_conv")
+               if len(op.get("I", [])) > 3 and isinstance(op["I"][3], dict) and op["I"][3].get("%") == 0)
 
 
 def _all_nodes(graph):
@@ -190,6 +216,133 @@ def repair_group_norm_epsilons(model, program: str) -> int:
         del node.attribute[:]
         node.attribute.extend(kept + [helper.make_attribute("epsilon", epsilon)])
     return len(nodes)
+
+
+def repair_deform_conv_offset_groups(model, program: str) -> int:
+    """Give every DeformConv that paddle2onnx wrote for a ``deformable_conv`` the op's ``deformable_groups`` as
+    ``offset_group``; returns how many nodes it rewrote.
+
+    paddle2onnx 2.1.0 writes ``deformable_conv(x, offset, filter, mask; deformable_groups = G)`` as
+    ``DeformConv(x, filter, offset, 0, mask)`` without ``offset_group``, which ONNX reads as 1: with G > 1 the
+    offset's ``2 G kH kW`` channels do not fit, and ONNX Runtime refuses the node (``Offset channel count must
+    be offset_group * 2 * kH * kW``). Both read the offset as ``[N, G, kH, kW, (dy, dx), oH, oW]``, so
+    ``offset_group = G`` is the op.
+
+    Which DeformConv came from which ``deformable_conv`` is not recorded, so this repairs only when that does
+    not matter: every ``deformable_conv`` of the program has the same ``deformable_groups``.
+
+    Raises:
+        ExportError: the program's deformable convs have different ``deformable_groups``, or the graph does not
+            have one DeformConv per ``deformable_conv``.
+    """
+    groups = sorted({int(a.get("deformable_groups", 1)) for a in program_attributes(program, "deformable_conv")})
+    nodes = [n for n in _all_nodes(model.graph) if n.op_type == "DeformConv"]
+    if not nodes or groups == [1]:
+        return 0
+    if len(groups) > 1:
+        raise ExportError(f"paddle2onnx loses deformable_conv's deformable_groups, and the program's deformable "
+                          f"convs have different ones ({groups}), so they cannot be put back; export without "
+                          "--onnx for Paddle Inference")
+    if len(nodes) != len(program_attributes(program, "deformable_conv")):
+        raise ExportError(f"paddle2onnx wrote {len(nodes)} DeformConv nodes for "
+                          f"{len(program_attributes(program, 'deformable_conv'))} deformable_conv ops; cannot put "
+                          "back their deformable_groups")
+    from onnx import helper
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "offset_group"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("offset_group", groups[0])])
+    return len(nodes)
+
+
+# 2 ** 53: every integer up to it in magnitude is a float64 exactly
+EXACT_IN_DOUBLE = 2 ** 53
+
+
+def integer_max_in_int64(model) -> int:
+    """Compute paddle2onnx's float64 maximum of integers in int64; returns how many ``Max`` nodes it rewrote.
+
+    Before: ``Cast(n, to=DOUBLE) -> Max(., c) -> Cast(to=INT64)``, ``n`` an integer tensor, ``c`` a float64
+    constant. After: ``Cast(n, to=INT64) -> Max(., int64(c)) -> Cast(to=INT64)``.
+
+    paddle2onnx writes ``tile`` with repeats given as a list of tensors (DETR's queries, tiled to the batch) so:
+    the count of leading ones it pads the repeats with is ``max(rank - len(repeats), 0)`` in float64.
+    OpenVINO cannot evaluate a float64 ``Maximum`` while it reads the file, so the length of the repeats, the
+    rank of the tiled tensor and of everything after it are unknown to it, and it fails on the first node that
+    needs a rank (``ArgMax``: ``Normalized axis of TopK is unknown``; its CPU plugin then on ``Softmax``). In
+    int64 it folds the count to a constant and every rank is known.
+
+    Conditions, all checked: ``n``'s type is a known integer type, each rewritten Cast feeds only the Max, the
+    Max feeds only Casts to INT64 (no graph output), every other Max input is a float64 constant holding
+    integers of magnitude <= 2**53, the model's opset is >= 12 (Max on int64). Exact: both compute
+    ``max(n, c)`` for every ``|n| <= 2**53`` (shape arithmetic; beyond that the float64 form rounds ``n``).
+    """
+    from onnx import TensorProto, numpy_helper, shape_inference
+    graph = model.graph
+    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [0])
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for name in node_inputs(node):
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+
+    def to_double(name):
+        node = producers.get(name)
+        single = len(consumers.get(name, [])) == 1 and name not in outputs
+        return node if single and node is not None and node.op_type == "Cast" and \
+            node.attribute[0].i == TensorProto.DOUBLE else None
+
+    def integral(name):
+        if name not in constants or constants[name].data_type != TensorProto.DOUBLE:
+            return None
+        value = numpy_helper.to_array(constants[name])
+        return value if np.all(value == np.round(value)) and np.all(np.abs(value) <= EXACT_IN_DOUBLE) else None
+
+    candidates = []
+    for node in graph.node:
+        if node.op_type != "Max" or opset < 12 or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "Cast" or u.attribute[0].i != TensorProto.INT64 for u in users):
+            continue
+        casts = [to_double(name) for name in node.input]
+        values = [integral(name) if cast is None else None for name, cast in zip(node.input, casts)]
+        if any(c is None and v is None for c, v in zip(casts, values)) or all(c is None for c in casts):
+            continue
+        candidates.append((node, casts, values))
+    if not candidates:
+        return 0
+    typed = shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    integers = (TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                TensorProto.UINT16, TensorProto.UINT32)
+    rewritten, added, replaced = 0, set(), set()
+    for node, casts, values in candidates:
+        if any(c is not None and types.get(c.input[0]) not in integers for c in casts):
+            continue
+        for index, (cast, value) in enumerate(zip(casts, values)):
+            if cast is not None:
+                cast.attribute[0].i = TensorProto.INT64
+            else:
+                replaced.add(node.input[index])
+                name = f"{node.input[index]}.int64"
+                if name not in added:
+                    graph.initializer.append(numpy_helper.from_array(value.astype(np.int64), name))
+                    added.add(name)
+                node.input[index] = name
+        rewritten += 1
+    if rewritten:  # a float64 Constant node the rewrite left without a reader goes
+        used = {name for n in graph.node for name in node_inputs(n)} | outputs
+        keep = [n for n in graph.node
+                if n.op_type != "Constant" or n.output[0] not in replaced or n.output[0] in used]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return rewritten
 
 
 def node_inputs(node) -> List[str]:

@@ -241,7 +241,8 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
     settings.check()
     nncf = require_nncf()
     import openvino as ov
-    model = ov.convert_model(source)
+    from ppfuse.runtime.openvino_runtime import read_file
+    model = read_file(ov, None, source)
     names = {i.get_any_name() for i in model.inputs}
     data = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
     preset = nncf.QuantizationPreset.PERFORMANCE if settings.symmetric_activations else nncf.QuantizationPreset.MIXED
@@ -259,7 +260,7 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
 
 def quantize_openvino_or_say_why(source: str, target: str, feeds: Sequence[Mapping[str, np.ndarray]],
                                  settings: Optional[QuantizeSettings] = None, log: Log = print):
-    """:func:`quantize_openvino`, or, for a model OpenVINO cannot read or run (TTFNet's DeformConv), no file
+    """:func:`quantize_openvino`, or, for a model OpenVINO cannot read or run (an operator it has no rule for), no file
     and one logged line: ``(int8 convolutions, None)`` or ``(0, why)``."""
     try:
         return quantize_openvino(source, target, feeds, settings), None

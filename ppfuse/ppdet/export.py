@@ -559,7 +559,7 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             try:
                 write_ir(os.path.join(tmp, ONNX_FILE), os.path.join(tmp, OPENVINO_FILE))
                 onnx_report["openvino_ir"] = OPENVINO_FILE
-            except Exception as exc:  # an op OpenVINO cannot read (TTFNet's DeformConv): the ONNX file stays
+            except Exception as exc:  # an op OpenVINO cannot read: the ONNX file stays
                 reason = conversion_failure(exc)
                 onnx_report["openvino_ir"] = None
                 onnx_report["openvino_ir_error"] = reason

@@ -32,6 +32,7 @@ from ppfuse.errors import InferenceError, require_module
 from ppfuse.export_format import INT8_ONNX_FILE, INT8_OPENVINO_FILE, ONNX_FILE, OPENVINO_FILE, read_report
 from ppfuse.runtime.base import PrecisionReport, Runtime, RuntimeOptions, check_options
 from ppfuse.runtime.onnx_runtime import int8_report, onnx_path
+from ppfuse.runtime.openvino_extensions import onnx_extensions
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the model's quantize nodes
 INT8_TYPES = ("u8", "i8")
@@ -45,9 +46,32 @@ def _type_name(value) -> str:
     return NAMES.get(text, text)
 
 
+class Unreadable(InferenceError):
+    """OpenVINO cannot read an ONNX file: a node ppfuse's front-end extensions refuse (``reason``, one line)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: OpenVINO could not read it: {reason}")
+        self.reason = reason
+
+
 def read_file(ov, core, path: str):
-    """An OpenVINO IR (``.xml``) as it is, an ONNX file through ``convert_model`` (never ``read_model``: above)."""
-    return core.read_model(path) if path.endswith(".xml") else ov.convert_model(path)
+    """An OpenVINO IR (``.xml``) as it is, an ONNX file through ``convert_model`` (never ``read_model``: above)
+    with ppfuse's front-end extensions for the operators OpenVINO has no conversion rule for (ONNX
+    ``DeformConv``: :mod:`ppfuse.runtime.openvino_extensions`). The one place ppfuse reads a model file into
+    OpenVINO: the runtime, the export's IR (:func:`write_ir`) and NNCF's int8 model all go through it.
+
+    Raises:
+        Unreadable: a node the extensions refuse, in one line (OpenVINO's own errors pass through).
+    """
+    if path.endswith(".xml"):
+        return core.read_model(path)
+    refusals: List[str] = []
+    try:
+        return ov.convert_model(path, extension=list(onnx_extensions(refusals)))
+    except Exception:
+        if refusals:
+            raise Unreadable(path, refusals[0]) from None
+        raise
 
 
 def openvino_model(ov, core, model_dir: str, path: str):
@@ -80,6 +104,8 @@ def chosen_int8_model(ov, core, model_dir: str, name: str):
 
 def conversion_failure(exc: BaseException) -> str:
     """One line of why OpenVINO could not read an ONNX file: the ops it has no conversion for, when it says."""
+    if isinstance(exc, Unreadable):
+        return exc.reason
     text = str(exc)
     marker = "No conversion rule found for operations:"
     if marker in text:
@@ -88,7 +114,11 @@ def conversion_failure(exc: BaseException) -> str:
     failed = [line.strip()[3:].split(" with a message")[0] for line in text.splitlines()
               if line.strip().startswith("-- ") and " with a message" in line]
     if failed:  # "Failed operations detailed log: -- ArgMax-13 with a message: ..."
-        return "conversion failed for operations: " + ", ".join(dict.fromkeys(failed))
+        line = "conversion failed for operations: " + ", ".join(dict.fromkeys(failed))
+        if "Normalized axis of TopK is unknown" in text:  # paddle2onnx's float64 tile count, before to_onnx's fix
+            line += " (its input's rank is unknown to OpenVINO: export the model again with --onnx, which " \
+                    "computes paddle2onnx's tile repeats in int64)"
+        return line
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
@@ -97,7 +127,7 @@ def write_ir(onnx_file: str, xml_file: str) -> None:
     """``onnx_file`` as OpenVINO IR (``xml_file`` and its ``.bin``), weights kept fp32 (``save_model``
     would store them fp16 by default: not the function the export verified)."""
     import openvino as ov
-    ov.save_model(ov.convert_model(onnx_file), xml_file, compress_to_fp16=False)
+    ov.save_model(read_file(ov, None, onnx_file), xml_file, compress_to_fp16=False)
 
 
 class OpenVINO(Runtime):
