@@ -10,7 +10,9 @@ An export directory (``tools/export_deploy.py``)::
     model_plain.json              the same network with conv biases as [C, 1, 1] adds, for Paddle
                                   Inference with oneDNN off (its plain CPU kernels run that form
                                   faster); reads model.pdiparams
-    model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO
+    model.onnx                    with --onnx: the same network for ONNX Runtime and OpenVINO; for a detector
+                                  whose NMS has no ONNX form (PP-YOLOE-R's rotated boxes) it ends at the boxes
+                                  and scores NMS takes, and the report names the NMS to apply (nms_after_graph)
     model.xml, model.bin          with --onnx and the [openvino] extra: model.onnx as OpenVINO IR (OpenVINO
                                   loads it without converting the ONNX file on every load)
     model_int8.onnx               tools/quantize.py: model.onnx quantized to int8 (QDQ), for ONNX Runtime
@@ -45,6 +47,7 @@ INPUT_NAMES = ("image", "scale_factor")
 PLAIN_INPUT_NAMES = ("image",)        # --image_only: the plain graph; its contract is the report's "plain_graph"
 NMS_OUTPUTS = ("bbox", "bbox_num")    # bbox [K, 6]: class, score, x1, y1, x2, y2; bbox_num [N]
 RAW_OUTPUTS = ("boxes", "scores")     # --no_nms: boxes [N, A, 4], scores [N, C, A]
+NMS_AFTER_GRAPH = "nms_after_graph"   # key of the report's "onnx" record: the NMS to apply to model.onnx's outputs
 
 MIN_PADDLE = 3
 
@@ -94,6 +97,13 @@ def read_report(model_dir: str) -> dict:
 def is_image_only(model_dir: str) -> bool:
     """Whether the export is the plain graph (``--image_only``): ``image`` in, boxes in input pixels."""
     return bool(read_report(model_dir).get("image_only", False))
+
+
+def nms_after_graph(model_dir: str) -> Optional[dict]:
+    """The NMS the ONNX runtimes apply to ``model.onnx``'s ``boxes``, ``scores`` (the report's
+    ``onnx.nms_after_graph``: ``multiclass_nms3`` on rotated boxes and its parameters), or None: the graph's
+    own outputs are the export's."""
+    return (read_report(model_dir).get("onnx") or {}).get(NMS_AFTER_GRAPH)
 
 
 def output_names(model_dir: str, own_names: Sequence[str]) -> List[str]:

@@ -173,6 +173,62 @@ def test_yolof_onnx_decodes_the_batch_and_gives_paddle_inference_boxes(tmp_path)
         _same_raw(raw, name)
 
 
+@pytest.mark.slow
+def test_rotated_nms_follows_the_onnx_graph_in_every_runtime_and_precision(tmp_path):
+    """PP-YOLOE-R: ``multiclass_nms3`` on rotated boxes has no ONNX form, so model.onnx ends at the boxes
+    [N, M, 8] and scores [N, C, M] NMS takes, the report names the NMS and its parameters (the config's), and
+    ONNX Runtime and OpenVINO apply ppfuse's rotated NMS after the graph.
+
+    - fp32: detections paired one to one with Paddle Inference's (model.json, NMS inside) on the gray image: same
+      class, corners within 0.1 px (the two runtimes' boxes before NMS differ by up to ~0.07 px on this random
+      model, within the export's raw check of them), scores within 1e-3;
+    - every runtime and precision (fp32, bf16 on a bf16 CPU, int8 after quantize_export), a batch of two:
+      ``bbox [K, 10]``, ``bbox_num [2]`` exactly what Paddle's own kernel gives on that runtime's graph outputs.
+    """
+    import json
+
+    import cv2
+    import paddle
+
+    from ppfuse.deploy import quantize
+    from ppfuse.deploy.inference import Preprocess
+    directory = _export(tmp_path / "export", "configs/ppyoloe_r/ppyoloe_r_crn_s_3x_dota.yml")
+    record = json.load(open(os.path.join(directory, "ppfuse_report.json")))["onnx"]
+    assert record["nms_after_graph"] == {"op": "multiclass_nms3", "box_size": 8, "score_threshold": 0.1,
+                                         "nms_top_k": 2000, "keep_top_k": -1, "nms_threshold": 0.1,
+                                         "normalized": False, "nms_eta": 1.0, "background_label": -1}
+    assert record["nodes"].get("NonMaxSuppression", 0) == record["nodes"].get("BatchNormalization", 0) == 0
+    assert "within tolerance" in record["raw_check"] and record["check"].startswith("same detections")
+
+    reference = Detector(directory).predict(_image(1))
+    assert len(reference.scores) > 0 and reference.scores.max() < SATURATED, reference.scores.max()
+    for name in RUNTIMES:
+        match = match_detections(reference, Detector(directory, runtime=name).predict(_image(1)),
+                                 box_tolerance=0.1)
+        assert match.same and match.max_score_diff <= 1e-3, (name, match)
+
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(images / f"{i}.png"), _image(10 + i))
+    quantize.quantize_export(directory, str(images), quantize.QuantizeSettings(images=2), log=lambda *_: None)
+    preprocess = Preprocess.from_infer_cfg(directory)
+    feeds = [preprocess(_image(seed)) for seed in (0, 1)]
+    batch = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    cases = [(name, precision) for name in RUNTIMES for precision in runtime.CPU_PRECISIONS[name]
+             if precision != "bf16" or runtime.bf16_supported()]
+    for name, precision in cases:
+        model = runtime.load(directory, name, runtime.RuntimeOptions(precision=precision))
+        got = model.run(batch)
+        boxes, scores = model._run({n: batch[n] for n in model.input_names})  # the graph's own outputs
+        assert boxes.shape[0] == 2 and boxes.shape[2] == 8 and scores.shape[0] == 2
+        want, _, number = paddle._C_ops.multiclass_nms3(
+            paddle.to_tensor(boxes), paddle.to_tensor(scores), None, 0.1, 2000, -1, 0.1, False, 1.0, -1)
+        assert list(got) == ["bbox", "bbox_num"] and len(got["bbox_num"]) == 2, (name, precision)
+        np.testing.assert_array_equal(got["bbox_num"], number.numpy(), err_msg=f"{name} {precision}")
+        np.testing.assert_array_equal(got["bbox"], want.numpy().reshape(-1, 10), err_msg=f"{name} {precision}")
+
+
 def test_plain_graph_without_nms_of_a_top_k_family_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"calls no NMS .* export --image_only without --no_nms"):
         _export(tmp_path, "configs/detr/detr_r50_1x_coco.yml", image_only=True, with_nms=False)

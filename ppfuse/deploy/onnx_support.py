@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -30,8 +30,8 @@ from ppfuse.deploy.program import count_ops
 
 __all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "repair_group_norm_epsilons",
            "repair_deform_conv_offset_groups", "integer_max_in_int64", "node_counts", "session",
-           "run_onnx", "check_against_paddle", "check_extra_outputs", "order_tied_rows", "name_outputs",
-           "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
+           "run_onnx", "check_against_paddle", "check_extra_outputs", "check_raw_outputs", "compare_relative",
+           "order_tied_rows", "name_outputs", "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
 # the scores' tolerance when raw rows are paired across a top-k's near ties (the export's tenfold check of them)
 RAW_SCORE_ATOL = 1e-3
 DEFAULT_OPSET = 13  # Max on int64 shapes (the exact upsample's expand) needs opset >= 12
@@ -569,15 +569,35 @@ def order_tied_rows(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
 def check_extra_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], atol: float = 1e-4,
                         rtol: float = 1e-4, keep: int = 2) -> Optional[Tuple[bool, str]]:
     """The outputs after the first ``keep`` of ``model_dir``'s program (Paddle Inference) and of ``onnx_path``
-    (ONNX Runtime), each divided by the reference's largest magnitude, compared with ``atol``/``rtol`` -- rows
-    of a top-k's near-tied scores in the reference's order (:func:`order_tied_rows`); then ``onnx_path`` keeps
-    only its first ``keep`` outputs. None when there are no extra outputs."""
+    (ONNX Runtime) compared (:func:`compare_relative`); then ``onnx_path`` keeps only its first ``keep``
+    outputs. None when there are no extra outputs."""
     onnx = require_module("onnx", "ONNX support", "onnx", ExportError)
-    paddle_out = list(PaddleInference(model_dir).run(inputs).values())[keep:]
     model = onnx.load(onnx_path)
     if len(model.graph.output) <= keep:
         return None
+    paddle_out = list(PaddleInference(model_dir).run(inputs).values())[keep:]
     onnx_out = run_onnx(session(onnx_path), inputs)[keep:]
+    result = compare_relative(paddle_out, onnx_out, atol, rtol)
+    del model.graph.output[keep:]
+    onnx.save(model, onnx_path)
+    return result
+
+
+def check_raw_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], atol: float = 1e-4,
+                      rtol: float = 1e-4) -> Tuple[bool, str]:
+    """Every output of ``model_dir``'s program (Paddle Inference) and of ``onnx_path`` (ONNX Runtime) compared
+    (:func:`compare_relative`): a program that ends at the boxes and scores NMS takes."""
+    paddle_out = list(PaddleInference(model_dir).run(inputs).values())
+    onnx_out = run_onnx(session(onnx_path), inputs)
+    if len(paddle_out) != len(onnx_out):
+        return False, f"{len(onnx_out)} outputs, Paddle Inference gives {len(paddle_out)}"
+    return compare_relative(paddle_out, onnx_out, atol, rtol)
+
+
+def compare_relative(paddle_out: Sequence[np.ndarray], onnx_out: Sequence[np.ndarray], atol: float,
+                     rtol: float) -> Tuple[bool, str]:
+    """Outputs each divided by the reference's largest magnitude, compared with ``atol``/``rtol`` -- rows of a
+    top-k's near-tied scores in the reference's order (:func:`order_tied_rows`): ``(ok, description)``."""
     onnx_out, moved = order_tied_rows(paddle_out, onnx_out, [atol * _largest(v) for v in paddle_out], rtol)
     reference, candidate, skipped = {}, {}, 0
     for i, (want, got) in enumerate(zip(paddle_out, onnx_out)):
@@ -589,8 +609,6 @@ def check_extra_outputs(model_dir: str, onnx_path: str, inputs: Dict[str, np.nda
         scale = max(float(np.abs(want[finite]).max()), 1e-12) if finite.any() else 1.0
         reference[f"out{i}"], candidate[f"out{i}"] = want[finite] / scale, got[finite] / scale
     result = compare(reference, candidate, atol, rtol)
-    del model.graph.output[keep:]
-    onnx.save(model, onnx_path)
     note = f" ({skipped} values beyond 1e30 or not finite left out)" if skipped else ""
     if moved:
         note += f" ({moved} rows of near-tied best scores compared in Paddle Inference's order)"
@@ -619,9 +637,12 @@ def name_outputs(onnx_path: str, names: Sequence[str]) -> None:
 
 
 def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.ndarray], box_atol: float,
-                         with_nms: bool = True, relative: bool = False):
+                         with_nms: bool = True, relative: bool = False, nms_after: Optional[Callable] = None,
+                         score_atol: float = 1e-4):
     """ONNX Runtime's detections against Paddle Inference's on the same inputs (each takes the ones it has):
-    ``(ok, description)``; detections by :func:`pair_detections`.
+    ``(ok, description)``; detections by :func:`pair_detections` (scores within ``score_atol``). ``nms_after``:
+    the NMS that follows the ONNX graph (``(boxes, scores) -> (bbox, bbox_num)``,
+    :class:`ppfuse.runtime.rotated_nms.MultiClassNMS`), applied to its outputs first.
 
     Raw exports (``--no_nms``) are compared output by output with ``box_atol`` (and rtol 1e-4), rows of a
     top-k's near-tied scores in Paddle Inference's order (:func:`order_tied_rows`), or with ``relative`` each
@@ -629,8 +650,10 @@ def check_against_paddle(model_dir: str, onnx_path: str, inputs: Dict[str, np.nd
     """
     paddle_out = list(PaddleInference(model_dir).run(inputs).values())
     onnx_out = run_onnx(session(onnx_path), inputs)
+    if nms_after is not None:
+        onnx_out = list(nms_after(*onnx_out))
     if with_nms:
-        return pair_detections(paddle_out, onnx_out, box_atol)
+        return pair_detections(paddle_out, onnx_out, box_atol, score_atol)
     if len(paddle_out) != len(onnx_out):
         return False, f"{len(onnx_out)} outputs, Paddle Inference gives {len(paddle_out)}"
     moved = 0

@@ -37,7 +37,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ppfuse.errors import ConfigError, ExportError, require_module
-from ppfuse.export_format import INT8_ONNX_FILE, INT8_OPENVINO_FILE, ONNX_FILE, REPORT_FILE, read_report
+from ppfuse.export_format import (INT8_ONNX_FILE, INT8_OPENVINO_FILE, ONNX_FILE, REPORT_FILE, nms_after_graph,
+                                  read_report)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's MinMax, Entropy, Percentile
 OPENVINO_INT8 = ("nncf", "qdq")  # OpenVINO's int8: NNCF's model_int8.xml, or model_int8.onnx (ONNX Runtime's QDQ)
@@ -225,7 +226,7 @@ def require_nncf():
 
 
 def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.ndarray]],
-                      settings: Optional[QuantizeSettings] = None) -> int:
+                      settings: Optional[QuantizeSettings] = None, float_after_convolutions: bool = False) -> int:
     """Write OpenVINO's int8 model (IR: ``target`` .xml and its .bin) of the float ONNX model ``source``,
     quantized by NNCF calibrated on ``feeds``; returns how many convolutions it quantized.
 
@@ -236,6 +237,11 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
     point, ``MIXED`` preset) by default, symmetric with ``settings.symmetric_activations``; their ranges are
     the calibration images' minimum and maximum, as ONNX Runtime's MinMax takes them (NNCF's default
     averages each image's extremes, which clipped a random-weight PP-YOLOE's heavy tails; docs/qarepvgg-int8.md).
+
+    ``float_after_convolutions``: NNCF leaves every node float from which no convolution follows (box decoding,
+    scores), as ONNX Runtime's QDQ model does (convs only). For an export whose NMS follows the graph (rotated
+    boxes): NNCF quantizes the corner arithmetic to 8 bits otherwise, and a rotated rectangle's four corners
+    no longer make one (seen: PP-YOLOE-R's corners crossing), which polygon NMS cannot take.
     """
     settings = settings or QuantizeSettings()
     settings.check()
@@ -249,21 +255,39 @@ def quantize_openvino(source: str, target: str, feeds: Sequence[Mapping[str, np.
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     logging.getLogger("nncf").setLevel(logging.ERROR)
+    ignored = list(settings.exclude) + (nodes_after_convolutions(model) if float_after_convolutions else [])
     quantized = nncf.quantize(model, nncf.Dataset(data), preset=preset, subset_size=len(data),
                               fast_bias_correction=True, advanced_parameters=AdvancedQuantizationParameters(
                                   activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
-                              ignored_scope=nncf.IgnoredScope(names=list(settings.exclude)) if settings.exclude
-                              else None)
+                              ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
     ov.save_model(quantized, target, compress_to_fp16=False)
     return openvino_int8_convolutions(quantized)
 
 
+OPENVINO_CONVOLUTIONS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+
+
+def nodes_after_convolutions(model) -> List[str]:
+    """The names of an OpenVINO model's computing nodes from which no convolution follows (its post-processing
+    after the last convolutions; not parameters, constants or results)."""
+    feeds_convolution = set()
+    for op in reversed(model.get_ordered_ops()):  # users before producers
+        users = [t.get_node() for out in op.outputs() for t in out.get_target_inputs()]
+        if any(u.get_type_name() in OPENVINO_CONVOLUTIONS or u.get_friendly_name() in feeds_convolution
+               for u in users):
+            feeds_convolution.add(op.get_friendly_name())
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_friendly_name() not in feeds_convolution and op.get_type_name() not in
+            OPENVINO_CONVOLUTIONS + ("Parameter", "Constant", "Result")]
+
+
 def quantize_openvino_or_say_why(source: str, target: str, feeds: Sequence[Mapping[str, np.ndarray]],
-                                 settings: Optional[QuantizeSettings] = None, log: Log = print):
+                                 settings: Optional[QuantizeSettings] = None, log: Log = print,
+                                 float_after_convolutions: bool = False):
     """:func:`quantize_openvino`, or, for a model OpenVINO cannot read or run (an operator it has no rule for), no file
     and one logged line: ``(int8 convolutions, None)`` or ``(0, why)``."""
     try:
-        return quantize_openvino(source, target, feeds, settings), None
+        return quantize_openvino(source, target, feeds, settings, float_after_convolutions), None
     except Exception as exc:  # ONNX Runtime's file is written all the same
         from ppfuse.runtime.openvino_runtime import conversion_failure
         why = conversion_failure(exc)
@@ -368,6 +392,7 @@ def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeS
     paths = calibration_images(image_dir, settings.images)
     log(f"calibrating on {len(paths)} image(s) of {image_dir} ({settings.describe()})")
     feeds = calibration_inputs(model_dir, paths)
+    float_tail = nms_after_graph(model_dir) is not None
     target = os.path.join(model_dir, INT8_ONNX_FILE)
     xml = os.path.join(model_dir, INT8_OPENVINO_FILE)
     report_path = os.path.join(model_dir, REPORT_FILE)
@@ -382,7 +407,9 @@ def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeS
         openvino_failure = None
         if settings.openvino == "nncf":
             log("quantizing for OpenVINO with NNCF")
-            convs, openvino_failure = quantize_openvino_or_say_why(source, staged[xml], feeds, settings, log)
+            # NMS after the graph (rotated boxes) needs the corners as the network computes them
+            convs, openvino_failure = quantize_openvino_or_say_why(source, staged[xml], feeds, settings, log,
+                                                                   float_after_convolutions=float_tail)
             if openvino_failure is None:
                 result.openvino_quantized_convs, result.openvino_path = convs, xml
             else:
@@ -395,7 +422,8 @@ def quantize_export(model_dir: str, image_dir: str, settings: Optional[QuantizeS
                       openvino_file=(INT8_OPENVINO_FILE if result.openvino_path else
                                      None if openvino_failure else INT8_ONNX_FILE),
                       openvino_quantized_convs=result.openvino_quantized_convs if result.openvino_path else None,
-                      openvino_failure=openvino_failure)
+                      openvino_failure=openvino_failure,
+                      openvino_float_after_convolutions=bool(result.openvino_path) and float_tail)
         report["int8"] = record
         with open(staged[report_path], "w") as f:
             json.dump(report, f, indent=1)

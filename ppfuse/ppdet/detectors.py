@@ -125,11 +125,14 @@ class PPDetDetector(nn.Layer):
     (``to_static`` reads the signature).
     """
 
-    def __init__(self, model: nn.Layer, with_nms: bool = True, nms_inputs_too: bool = False):
+    def __init__(self, model: nn.Layer, with_nms: bool = True, nms_inputs_too: bool = False,
+                 nms_inputs_only: bool = False):
         super().__init__()
         self.model = model
         self.with_nms = with_nms
         self.nms_inputs_too = nms_inputs_too  # detections and the (boxes, scores) NMS took: the ONNX check's
+        # the (boxes, scores) NMS takes instead of the detections: an ONNX program whose NMS follows it
+        self.nms_inputs_only = nms_inputs_only
         self.head_name, _ = head_of(model)
 
     def _run(self, image, im_shape=None, scale_factor=None):
@@ -139,6 +142,8 @@ class PPDetDetector(nn.Layer):
         if scale_factor is None:
             scale_factor = paddle.ones_like(im_shape)
         inputs = {"image": image, "im_shape": im_shape, "scale_factor": scale_factor}
+        if self.with_nms and self.nms_inputs_only:
+            return _nms_inputs(self.model, self.model, inputs)
         if self.with_nms and self.nms_inputs_too:
             from ppfuse.ppdet.postprocess import nms_inputs
             store: list = []
@@ -164,6 +169,20 @@ class PPDetDetector(nn.Layer):
         if not captured:
             raise ConfigError(f"{type(self.model).__name__}: its forward did not call its {self.head_name}")
         return tuple(_float_tensors(captured[-1]))
+
+
+def _nms_inputs(model: nn.Layer, run: nn.Layer, inputs) -> Tuple:
+    """The ``(boxes, scores)`` the last NMS of ``model``'s post-processing takes when ``run(inputs)`` runs it
+    (its detections, traced, are pruned: no output uses them)."""
+    from ppfuse.ppdet.postprocess import nms_inputs
+    store: list = []
+    with nms_inputs(store):
+        run(inputs)
+    if not store:
+        raise ConfigError(f"{type(model).__name__} calls no NMS (its post-processing selects by top-k), "
+                          "so it has no raw boxes and scores before NMS; export --image_only without --no_nms "
+                          "(its detections)")
+    return tuple(store[-1])
 
 
 class _Image(PPDetDetector):
@@ -202,10 +221,10 @@ class ImageOnly(nn.Layer):
     """
 
     def __init__(self, model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False, bgr: bool = False,
-                 nms_inputs_too: bool = False):
+                 nms_inputs_too: bool = False, nms_inputs_only: bool = False):
         super().__init__()
         self.model = model
-        self.with_nms = with_nms
+        self.with_nms = with_nms and not nms_inputs_only  # NMS after the graph: its inputs are the outputs
         self.bgr = bgr
         self.ppyoloe = is_ppyoloe_style(model)
         self.inner = (DetectorForInference(model, with_nms, topk_before_nms, nms_inputs_too and with_nms)
@@ -218,15 +237,7 @@ class ImageOnly(nn.Layer):
             return self.inner(image, paddle.ones_like(image_shape(image)))
         if self.with_nms:
             return self.inner(image)
-        from ppfuse.ppdet.postprocess import nms_inputs
-        store: list = []
-        with nms_inputs(store):
-            self.inner(image)
-        if not store:
-            raise ConfigError(f"{type(self.model).__name__} calls no NMS (its post-processing selects by top-k), "
-                              "so it has no raw boxes and scores before NMS; export --image_only without --no_nms "
-                              "(its detections)")
-        return store[-1]
+        return _nms_inputs(self.model, self.inner, image)
 
 
 _BY_INPUTS = {("image",): _Image, ("image", "scale_factor"): _ImageScale, ("image", "im_shape"): _ImageShape,
@@ -311,16 +322,17 @@ def _transformer_in(model: nn.Layer, names: Sequence[str]) -> bool:
 
 def wrapper_for(model: nn.Layer, with_nms: bool = True, topk_before_nms: bool = False,
                 names: Optional[Sequence[str]] = None, image_only: bool = False, bgr: bool = False,
-                nms_inputs_too: bool = False) -> nn.Layer:
+                nms_inputs_too: bool = False, nms_inputs_only: bool = False) -> nn.Layer:
     """The wrapper that runs ``model``: :class:`DetectorForInference` for PP-YOLOE style, else a
     :class:`PPDetDetector` taking ``names`` (default :func:`input_names`; ``topk_before_nms`` is PP-YOLOE's
     only); with ``image_only`` the plain graph :class:`ImageOnly` (``bgr``: the model takes BGR).
-    ``nms_inputs_too``: after the detections, also the boxes and scores NMS took, if it ran."""
+    ``nms_inputs_too``: after the detections, also the boxes and scores NMS took, if it ran;
+    ``nms_inputs_only`` (not PP-YOLOE style): those instead of the detections (NMS follows the graph)."""
     if image_only:
-        return ImageOnly(model, with_nms, topk_before_nms, bgr, nms_inputs_too)
+        return ImageOnly(model, with_nms, topk_before_nms, bgr, nms_inputs_too, nms_inputs_only)
     if is_ppyoloe_style(model):
         return DetectorForInference(model, with_nms, topk_before_nms, nms_inputs_too)
-    return _BY_INPUTS[tuple(names or input_names(model))](model, with_nms, nms_inputs_too)
+    return _BY_INPUTS[tuple(names or input_names(model))](model, with_nms, nms_inputs_too, nms_inputs_only)
 
 
 def input_names(model: nn.Layer, image_only: bool = False) -> Tuple[str, ...]:
@@ -372,18 +384,35 @@ def ppdet_path(model: nn.Layer, inplace: bool = False) -> nn.Layer:
 
 
 @contextlib.contextmanager
-def traceable(model: nn.Layer, onnx: bool = False, priors=None, record: bool = False):
+def traceable(model: nn.Layer, onnx: bool = False, priors=None, record: bool = False, nms_after: bool = False):
     """While active, ``model``'s post-processing traces under PIR (a no-op for PP-YOLOE style, whose
     wrapper calls PIR-aware ops itself). ``onnx``: in the forms paddle2onnx converts
-    (:func:`ppfuse.ppdet.postprocess.onnx_postprocess`; ``priors`` recorded with ``record``, then replayed)."""
+    (:func:`ppfuse.ppdet.postprocess.onnx_postprocess`; ``priors`` recorded with ``record``, then replayed;
+    ``nms_after``: NMS without an ONNX form left as it is, for a program that ends before it)."""
     if is_ppyoloe_style(model):
         yield
         return
     from ppfuse.ppdet.postprocess import onnx_postprocess, pir_traceable_postprocess
     if priors is not None:
         priors.rewind()
-    with pir_traceable_postprocess(), (onnx_postprocess(priors, record) if onnx else contextlib.nullcontext()):
+    with pir_traceable_postprocess(), (onnx_postprocess(priors, record, nms_after) if onnx
+                                       else contextlib.nullcontext()):
         yield
+
+
+def last_nms_call(model: nn.Layer, size: Sequence[int], image_only: bool = False) -> Optional[tuple]:
+    """``(name, box shape, score shape, {argument: value})`` of the last NMS ``model``'s post-processing calls on
+    a generated input (a dygraph run; :func:`ppfuse.ppdet.postprocess.nms_inputs`), or None: PP-YOLOE style
+    (its wrapper calls NMS itself) or a family without NMS."""
+    if is_ppyoloe_style(model):
+        return None
+    from ppfuse.ppdet.postprocess import nms_inputs
+    names = input_names(model, image_only)
+    values = generated_inputs(size, 1, 0)
+    calls: list = []
+    with traceable(model), nms_inputs([], calls), paddle.no_grad(), ppdet_failures(model, size):
+        wrapper_for(model, True, False, names, image_only)(*[values[n] for n in names])
+    return calls[-1] if calls else None
 
 
 def raw_outputs(model: nn.Layer, inputs: Sequence[paddle.Tensor], size: Sequence[int]) -> Dict[str, np.ndarray]:

@@ -54,9 +54,9 @@ from ppfuse.core import checkpoint, layers
 from ppfuse.ppdet import detectors
 from ppfuse.ppdet.detection import BuiltModel, DetectionConfig, build_model
 from ppfuse.errors import ConfigError, ExportError, PPFuseError, VerificationError, first_line
-from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_OUTPUTS, ONNX_FILE, OPENVINO_FILE,
-                                  PARAMS_FILE, PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, RAW_OUTPUTS, REPORT_FILE,
-                                  program_file, require_paddle_3)
+from ppfuse.export_format import (DEPLOY_CHECKPOINT, INFER_CFG, MODEL_FILE, NMS_AFTER_GRAPH, NMS_OUTPUTS, ONNX_FILE,
+                                  OPENVINO_FILE, PARAMS_FILE, PLAIN_MODEL_FILE, PLAIN_PROGRAM_FILE, RAW_OUTPUTS,
+                                  REPORT_FILE, program_file, require_paddle_3)
 from ppfuse.runtime.base import RuntimeOptions
 from ppfuse.runtime.paddle_inference import create_predictor, run_predictor
 from ppfuse.core.verify import TopKReplay, VerificationResult, compare, judge
@@ -112,12 +112,15 @@ class Graph:
         bgr: the detector takes BGR (CenterNet): the plain graph flips the RGB it takes.
         onnx: post-processing in the forms paddle2onnx converts (the program ``model.onnx`` is made from).
         nms_inputs_too: after the detections, also output the boxes and scores NMS took (the ONNX check's).
+        nms_after: the boxes and scores NMS takes instead of the detections (an ONNX program for a detector
+            whose NMS has no ONNX form: ppfuse's runtimes apply it, :mod:`ppfuse.runtime.rotated_nms`).
     """
     with_nms: bool = True
     image_only: bool = False
     bgr: bool = False
     onnx: bool = False
     nms_inputs_too: bool = False
+    nms_after: bool = False
 
 
 def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], with_nms: bool = True,
@@ -138,16 +141,18 @@ def save_inference_model(model: nn.Layer, path_prefix: str, size: List[int], wit
         from ppfuse.ppdet.postprocess import PriorBoxes
         priors = PriorBoxes()
         values = detectors.generated_inputs(size, 1, 0)
-        with deploy_rewrites(conv_bias, speed_forms), detectors.traceable(model, True, priors, record=True), \
+        with deploy_rewrites(conv_bias, speed_forms), \
+                detectors.traceable(model, True, priors, record=True, nms_after=graph.nms_after), \
                 paddle.no_grad(), detectors.ppdet_failures(model, size):
             detectors.wrapper_for(model, graph.with_nms, True, names, graph.image_only, graph.bgr,
-                                  graph.nms_inputs_too)(*[values[n] for n in names])
-    with deploy_rewrites(conv_bias, speed_forms), detectors.traceable(model, graph.onnx, priors):
+                                  graph.nms_inputs_too, graph.nms_after)(*[values[n] for n in names])
+    with deploy_rewrites(conv_bias, speed_forms), \
+            detectors.traceable(model, graph.onnx, priors, nms_after=graph.nms_after):
         while True:
             if priors is not None:
                 priors.rewind()
             wrapper = detectors.wrapper_for(model, graph.with_nms, graph.onnx, names, graph.image_only, graph.bgr,
-                                            graph.nms_inputs_too)
+                                            graph.nms_inputs_too, graph.nms_after)
             wrapper.eval()
             static = paddle.jit.to_static(wrapper, input_spec=detectors.input_spec(model, size, names),
                                           full_graph=True)
@@ -394,12 +399,30 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
       differently, so with ``strict_detections=False`` (an export of random weights) a difference there is
       reported, not refused -- the raw check still holds.
 
-    No BatchNormalization may be left, and no If in a PP-YOLOE program (its ``if self.alpha`` would be one).
+    Returns the record the export's report keeps under ``onnx``; in a finished export (its report written),
+    the report is brought up to date with it.
+
+    A detector whose NMS has no ONNX form (``multiclass_nms`` on rotated boxes: PP-YOLOE-R) gets a ``model.onnx``
+    that ends at the boxes ``[N, M, 8]`` and scores ``[N, C, M]`` NMS takes (:class:`Graph` ``nms_after``), named
+    ``boxes``, ``scores``; the returned record's ``nms_after_graph`` holds the NMS and its parameters (the report
+    keeps it: :func:`ppfuse.export_format.nms_after_graph`), which ppfuse's ONNX Runtime and OpenVINO runtimes
+    apply (:mod:`ppfuse.runtime.rotated_nms`). Checked: those outputs against the same program in Paddle
+    Inference (as the raw outputs above, within ten times ``atol``/``rtol``), and ONNX Runtime's followed by
+    ppfuse's NMS against ``model.json``'s detections, paired one to one (their scores, NMS's inputs as they are,
+    within the raw check's ten times ``atol``).
+
+    No BatchNormalization may be left, and no If in a PP-YOLOE program (its ``if self.alpha`` would be one); no
+    NonMaxSuppression in a graph that NMS follows.
     """
     from ppfuse.deploy import onnx_support
+    from ppfuse.ppdet.postprocess import nms_after_graph
     ppyoloe = detectors.is_ppyoloe_style(model)
     graph = replace(graph or Graph(with_nms=with_nms), onnx=True)
-    graph = replace(graph, nms_inputs_too=graph.with_nms)
+    after = None
+    if graph.with_nms:
+        call = detectors.last_nms_call(model, size, graph.image_only)
+        after = nms_after_graph(*call) if call is not None else None
+    graph = replace(graph, nms_inputs_too=graph.with_nms and after is None, nms_after=after is not None)
     staging = os.path.join(directory, ".onnx_source")
     path = os.path.join(directory, ONNX_FILE)
     box_atol = DEFAULT_ATOL * max(size)
@@ -408,10 +431,12 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
     try:
         save_inference_model(model, os.path.join(staging, MODEL_FILE), size, graph=graph)
         onnx_support.to_onnx(staging, path)
+        # decoded boxes pass through exp(): fp32 differences of the network grow tenfold there
         if graph.nms_inputs_too:
-            # decoded boxes pass through exp(): fp32 differences of the network grow tenfold there
             raw = onnx_support.check_extra_outputs(staging, path, values, 10 * atol, 10 * rtol, keep=2)
-        onnx_support.name_outputs(path, list(NMS_OUTPUTS if graph.with_nms else RAW_OUTPUTS)
+        elif graph.nms_after:
+            raw = onnx_support.check_raw_outputs(staging, path, values, 10 * atol, 10 * rtol)
+        onnx_support.name_outputs(path, list(NMS_OUTPUTS if graph.with_nms and not graph.nms_after else RAW_OUTPUTS)
                                   if graph.with_nms or graph.image_only or ppyoloe else [])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -420,6 +445,8 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         left = {"BatchNormalization": nodes.get("BatchNormalization", 0)}
         if ppyoloe:
             left["If"] = nodes.get("If", 0)
+        if graph.nms_after:
+            left["NonMaxSuppression"] = nodes.get("NonMaxSuppression", 0)
         if any(left.values()):
             raise ExportError(f"{path}: " + " and ".join(f"{n} {k}" for k, n in left.items()) +
                               " nodes left; the deployed program should have none")
@@ -434,7 +461,11 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         ok, how = onnx_support.check_against_paddle(directory, path, values,
                                                     box_atol=box_atol if graph.with_nms or ppyoloe
                                                     else 10 * box_atol,
-                                                    with_nms=graph.with_nms, relative=relative)
+                                                    with_nms=graph.with_nms, relative=relative, nms_after=after,
+                                                    # its scores are the raw ones, checked within 10 * atol
+                                                    score_atol=10 * atol if after is not None else 1e-4)
+        if after is not None:
+            how += " (ONNX Runtime followed by ppfuse's rotated NMS)"
         log(f"ONNX Runtime vs Paddle Inference: {how}")
         if not ok and (strict_detections or raw is None):
             raise VerificationError(f"{path}: ONNX Runtime's outputs differ from Paddle Inference's: {how}")
@@ -445,9 +476,20 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         if os.path.exists(path):
             os.remove(path)
         raise
-    return {"nodes": nodes, "check": how, "raw_check": raw[1] if raw else None,
-            "nms": ("in the graph" if nodes.get("NonMaxSuppression") else "none in the post-processing (top-k)")
-            if graph.with_nms else "none (raw outputs)"}
+    nms = ("in the graph" if nodes.get("NonMaxSuppression") else "none in the post-processing (top-k)") \
+        if graph.with_nms else "none (raw outputs)"
+    if after is not None:
+        nms = "after the graph: ppfuse's multiclass_nms3 on rotated boxes in ONNX Runtime and OpenVINO"
+    record = {"nodes": nodes, "check": how, "raw_check": raw[1] if raw else None, "nms": nms,
+              **({NMS_AFTER_GRAPH: after.to_report()} if after is not None else {})}
+    report_path = os.path.join(directory, REPORT_FILE)
+    if os.path.exists(report_path):  # a finished export given a model.onnx: the runtimes read what it holds there
+        with open(report_path) as f:
+            report = json.load(f)
+        report["onnx"] = record
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return record
 
 
 def _export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool, log) -> dict:

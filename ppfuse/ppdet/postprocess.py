@@ -18,6 +18,10 @@ and records a PIR op while tracing, with the same kernels -- and puts ppdet's
 functions back on exit, also when the body raises. An argument value these do
 not support raises :class:`ppfuse.errors.ExportError` naming it.
 
+``multiclass_nms`` on rotated boxes (PP-YOLOE-R: 8 coordinates) has no ONNX form; its ONNX program ends at the
+boxes and scores NMS takes (:func:`nms_after_graph`), and ppfuse's runtimes apply the NMS after it
+(:mod:`ppfuse.runtime.rotated_nms`).
+
 ppdet's layers call these functions as ``ops.<name>(...)``
 (``ppdet.modeling.layers``: ``MultiClassNMS``, ``MatrixNMS``,
 ``AnchorGeneratorSSD``, ``SSDBox``), so replacing the module attribute reaches
@@ -28,13 +32,15 @@ rotated-box detectors, which are not exported through this path).
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+import inspect
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
 from ppfuse.errors import ExportError
+from ppfuse.runtime.rotated_nms import BOX_SIZE as ROTATED_BOX_SIZE, MultiClassNMS
 
 Tensor = paddle.Tensor
 
@@ -191,6 +197,26 @@ def per_class_top_k(boxes, scores, top_k: int, with_source: bool = False):
     return chosen, block, (index.reshape([0, classes * k]) + images).reshape([-1])
 
 
+def has_onnx_form(box_shape: Sequence[int], score_shape: Sequence[int]) -> bool:
+    """Whether ``multiclass_nms3`` on boxes and scores of these shapes has an ONNX form: ONNX's
+    ``NonMaxSuppression`` takes axis-aligned boxes ``[N, M, 4]`` with scores ``[N, C, M]``."""
+    return len(score_shape) == 3 and len(box_shape) == 3 and box_shape[-1] == 4
+
+
+def nms_after_graph(name: str, box_shape: Sequence[int], score_shape: Sequence[int],
+                    arguments: Dict[str, object]) -> Optional[MultiClassNMS]:
+    """The NMS ppfuse's runtimes apply after the ONNX graph for the NMS call ``name(boxes, scores, **arguments)``
+    (:func:`nms_inputs` records it): ``multiclass_nms`` on rotated boxes ``[N, M, 8]`` with scores ``[N, C, M]``
+    (:mod:`ppfuse.runtime.rotated_nms`); None for any other call (which has an ONNX form, or none at all)."""
+    if name != "multiclass_nms" or len(score_shape) != 3 or len(box_shape) != 3 \
+            or box_shape[-1] != ROTATED_BOX_SIZE or arguments.get("rois_num") is not None:
+        return None
+    return MultiClassNMS(float(arguments["score_threshold"]), int(arguments["nms_top_k"]),
+                         int(arguments["keep_top_k"]), float(arguments["nms_threshold"]),
+                         bool(arguments["normalized"]), float(arguments["nms_eta"]),
+                         int(arguments["background_label"]))
+
+
 def onnx_multiclass_nms(bboxes, scores, score_threshold: float, nms_top_k: int, keep_top_k: int,
                         nms_threshold: float = 0.3, normalized: bool = True, nms_eta: float = 1.0,
                         background_label: int = -1, return_index: bool = False, return_rois_num: bool = True,
@@ -201,8 +227,8 @@ def onnx_multiclass_nms(bboxes, scores, score_threshold: float, nms_top_k: int, 
         ExportError: boxes that are not ``[N, M, 4]`` with scores ``[N, C, M]`` (rotated boxes: ONNX's
             ``NonMaxSuppression`` compares axis-aligned boxes only; per-box scores ``[M, C]``).
     """
-    if len(scores.shape) != 3 or len(bboxes.shape) != 3 or bboxes.shape[-1] != 4:
-        what = "rotated boxes (8 coordinates)" if bboxes.shape[-1] == 8 else \
+    if not has_onnx_form(bboxes.shape, scores.shape):
+        what = "rotated boxes (8 coordinates)" if bboxes.shape[-1] == ROTATED_BOX_SIZE else \
             f"boxes {list(bboxes.shape)} with scores {list(scores.shape)}"
         raise ExportError(f"ONNX: multiclass_nms3 on {what} has no ONNX form (ONNX NonMaxSuppression takes "
                           "axis-aligned boxes [N, M, 4] and scores [N, C, M]); export with --no_nms for ONNX, or "
@@ -477,9 +503,12 @@ def _ttf_box_one_image(self, hm, wh, im_shape, scale_factor):
 
 
 @contextlib.contextmanager
-def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) -> Iterator[None]:
+def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False,
+                     nms_after: bool = False) -> Iterator[None]:
     """While active (inside :func:`pir_traceable_postprocess`), ppdet's post-processing ops are the ONNX forms
-    of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes),
+    of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes;
+    with ``nms_after``, a program that ends at the boxes and scores NMS takes, NMS on rotated boxes as it is,
+    to be pruned with what else the outputs do not use),
     ``matrix_nms`` in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
     dygraph run) or replayed from ``priors``, PP-YOLO's CoordConv grid without ``full_batch_size_like``, and
     RetinaNet's, YOLOF's and TTFNet's per-image loops without tensor arrays (batched; TTFNet: one image)."""
@@ -508,6 +537,8 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) 
             # no box count recorded: the dygraph run stopped before NMS (a program of the head's raw outputs,
             # whose post-processing is traced, then pruned); the top-k per class needs the count
             return multiclass_nms(bboxes, scores, *args, **kwargs)
+        if nms_after and not has_onnx_form(bboxes.shape, scores.shape):
+            return multiclass_nms(bboxes, scores, *args, **kwargs)
         return onnx_multiclass_nms(bboxes, scores, *args, **kwargs)
 
     def matrix(bboxes, scores, *args, **kwargs):
@@ -533,22 +564,36 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) 
             setattr(owner, name, function)
 
 
+@paddle.jit.not_to_static  # Python bookkeeping, not part of a traced program
+def _record_call(calls: list, name: str, signature: inspect.Signature, bboxes, scores, args, kwargs) -> None:
+    bound = signature.bind(bboxes, scores, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = {k: v for k, v in bound.arguments.items() if k not in ("bboxes", "scores")}
+    calls.append((name, list(bboxes.shape), list(scores.shape), arguments))
+
+
 @contextlib.contextmanager
-def nms_inputs(store: list) -> Iterator[None]:
+def nms_inputs(store: list, calls: Optional[List[tuple]] = None) -> Iterator[None]:
     """While active (inside :func:`pir_traceable_postprocess`), every ``multiclass_nms`` and ``matrix_nms`` call
     also appends its ``(boxes, scores)`` to ``store``: a detector's raw boxes and scores, the last step before
-    NMS (the plain graph's outputs without NMS)."""
+    NMS (the plain graph's outputs without NMS); and to ``calls``, when given, ``(name, box shape, score shape,
+    {argument: value})`` with every argument but the two tensors, defaults included (for
+    :func:`nms_after_graph`)."""
     from ppdet.modeling import ops
     saved = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
 
-    def keeping(function):
+    def keeping(name, function):
+        signature = inspect.signature(REPLACEMENTS[name])  # ppdet's signature
+
         def call(bboxes, scores, *args, **kwargs):
             store.append((bboxes, scores))
+            if calls is not None:
+                _record_call(calls, name, signature, bboxes, scores, args, kwargs)
             return function(bboxes, scores, *args, **kwargs)
         return call
     try:
         for name, function in saved.items():
-            setattr(ops, name, keeping(function))
+            setattr(ops, name, keeping(name, function))
         yield
     finally:
         for name, function in saved.items():

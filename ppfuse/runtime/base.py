@@ -10,6 +10,10 @@ Also here: the CPU's bf16 support, read from ``/proc/cpuinfo`` (bf16 runs fast
 only with ``avx512_bf16`` or AMX; without them oneDNN emulates it slowly and
 OpenVINO silently runs f32, so ppfuse refuses bf16 there in one line).
 
+An ONNX graph that ends before NMS (PP-YOLOE-R's rotated boxes, whose NMS has no ONNX form) is followed by
+ppfuse's NMS (:mod:`ppfuse.runtime.rotated_nms`) in :meth:`Runtime.run`, so every runtime gives the export's
+``bbox``, ``bbox_num``.
+
 int8 (``--precision int8``, CPU) runs ``model_int8.onnx`` (``tools/quantize.py``) in ONNX Runtime or
 OpenVINO; Paddle Inference's int8 is not supported by ppfuse. Each counts the convolutions that really
 ran int8, and names the CPU's int8 instructions (:data:`INT8_FLAGS`).
@@ -19,12 +23,13 @@ from __future__ import annotations
 import abc
 import platform
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ppfuse.errors import InferenceError
-from ppfuse.export_format import output_names
+from ppfuse.export_format import NMS_OUTPUTS, RAW_OUTPUTS, nms_after_graph, output_names
+from ppfuse.runtime.rotated_nms import MultiClassNMS
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either runs bf16 natively; amx_tile is AMX's tile unit
@@ -163,11 +168,24 @@ class Runtime(abc.ABC):
         self.options = options
         self.input_names: List[str] = []
         self.output_names: List[str] = []
+        self.graph_output_names: List[str] = []  # what the graph gives: output_names unless NMS follows it
+        self.nms_after: Optional[MultiClassNMS] = None  # ppfuse's NMS on the graph's outputs, if the export asks
         # an ONNX graph with NMS (paddle2onnx's) takes one image per run: a batch is run image by image
         self.one_image_per_run = False
 
-    def _name_outputs(self, own_names: Sequence[str]) -> None:
-        self.output_names = output_names(self.model_dir, own_names)
+    def _name_outputs(self, own_names: Sequence[str], onnx: bool = False) -> None:
+        """Name the outputs; ``onnx``: a runtime of ``model.onnx``, which for an export whose NMS has no ONNX
+        form (:func:`ppfuse.export_format.nms_after_graph`) gives the boxes and scores, to which this runtime
+        applies ppfuse's NMS (:mod:`ppfuse.runtime.rotated_nms`): its outputs are Paddle Inference's."""
+        record = nms_after_graph(self.model_dir) if onnx else None
+        if record is None:
+            self.output_names = self.graph_output_names = output_names(self.model_dir, own_names)
+            return
+        if len(own_names) != len(RAW_OUTPUTS):
+            raise InferenceError(f"{self.model_dir}: the report asks for NMS after the ONNX graph, which should give "
+                                 f"{' and '.join(RAW_OUTPUTS)}, but it gives {len(own_names)} outputs; export again")
+        self.nms_after = MultiClassNMS.from_report(record, f"{self.model_dir}: the report")
+        self.graph_output_names, self.output_names = list(RAW_OUTPUTS), list(NMS_OUTPUTS)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run one batch: every input by name (extra names are ignored), every output by name, in order."""
@@ -177,10 +195,15 @@ class Runtime(abc.ABC):
         feeds = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
         batch = len(feeds[self.input_names[0]]) if self.input_names else 1
         if not self.one_image_per_run or batch <= 1:
-            return dict(zip(self.output_names, self._run(feeds)))
-        # (bbox [K, 6], bbox_num [1]) per image, concatenated in order: the batch's (bbox, bbox_num)
-        runs = [self._run({n: np.ascontiguousarray(v[i:i + 1]) for n, v in feeds.items()}) for i in range(batch)]
-        return {name: np.concatenate([run[k] for run in runs], axis=0) for k, name in enumerate(self.output_names)}
+            outputs = dict(zip(self.graph_output_names, self._run(feeds)))
+        else:
+            # (bbox [K, 6], bbox_num [1]) per image, concatenated in order: the batch's (bbox, bbox_num)
+            runs = [self._run({n: np.ascontiguousarray(v[i:i + 1]) for n, v in feeds.items()}) for i in range(batch)]
+            outputs = {name: np.concatenate([run[k] for run in runs], axis=0)
+                       for k, name in enumerate(self.graph_output_names)}
+        if self.nms_after is None:
+            return outputs
+        return dict(zip(self.output_names, self.nms_after(*(outputs[n] for n in RAW_OUTPUTS))))
 
     @abc.abstractmethod
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:

@@ -88,8 +88,8 @@ class OnnxRuntime(Runtime):
         self.path = onnx_path(model_dir, self.title, self.options.precision)
         self.session = create_session(self.path, self.options.cpu_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._name_outputs([o.name for o in self.session.get_outputs()])
-        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False))
+        self._name_outputs([o.name for o in self.session.get_outputs()], onnx=True)
+        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False)) and self.nms_after is None
 
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
         return self.session.run(None, feeds)

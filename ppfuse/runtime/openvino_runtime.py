@@ -166,8 +166,8 @@ class OpenVINO(Runtime):
         self.request = self.compiled.create_infer_request()
         self.version = ov.__version__.split("-")[0]
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self._name_outputs([o.get_any_name() for o in self.compiled.outputs])
-        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False))
+        self._name_outputs([o.get_any_name() for o in self.compiled.outputs], onnx=True)
+        self.one_image_per_run = bool(read_report(model_dir).get("with_nms", False)) and self.nms_after is None
 
     def _run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
         results = self.request.infer(feeds)
