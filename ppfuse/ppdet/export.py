@@ -320,19 +320,33 @@ def _plain_preprocessing(path: str, size: List[int]) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def plain_graph_contract(infer_cfg_path: str, size: List[int], with_nms: bool) -> dict:
+def plain_graph_contract(infer_cfg_path: str, size: List[int], with_nms: bool, box_values: int = 4,
+                         onnx_report: Optional[dict] = None) -> dict:
     """What the plain graph expects and gives, for ``ppfuse_report.json`` (``"plain_graph"``): a script that reads
-    this and docs/plain-graph.md can feed it from any language."""
+    this and docs/plain-graph.md can feed it from any language. ``box_values``: 4 (x1, y1, x2, y2) or 8 (a rotated
+    box's four corners, PP-YOLOE-R)."""
     import yaml
     with open(infer_cfg_path) as f:
         ops = yaml.safe_load(f).get("Preprocess") or []
     normalize = next((op for op in ops if op.get("type") == "NormalizeImage"), {})
     mean_std = normalize.get("norm_type", "mean_std") == "mean_std" and bool(normalize)
     height, width = int(size[0]), int(size[1])
-    outputs = ({"bbox": "[K, 6] float32: class, score, x1, y1, x2, y2 (boxes clipped to the input)",
-                "bbox_num": "[N] int32: rows of bbox per image, in order"} if with_nms else
-               {"boxes": "[N, M, 4] float32: x1, y1, x2, y2 (not clipped)",
-                "scores": "[N, C, M] float32: each box's score per class"})
+    if box_values == 8:
+        corners = "x1, y1, x2, y2, x3, y3, x4, y4 (the rotated box's four corners)"
+        outputs = ({"bbox": f"[K, 10] float32: class, score, {corners}",
+                    "bbox_num": "[N] int32: rows of bbox per image, in order"} if with_nms else
+                   {"boxes": f"[N, M, 8] float32: {corners}",
+                    "scores": "[N, C, M] float32: each box's score per class"})
+    else:
+        outputs = ({"bbox": "[K, 6] float32: class, score, x1, y1, x2, y2 (boxes clipped to the input)",
+                    "bbox_num": "[N] int32: rows of bbox per image, in order"} if with_nms else
+                   {"boxes": "[N, M, 4] float32: x1, y1, x2, y2 (not clipped)",
+                    "scores": "[N, C, M] float32: each box's score per class"})
+    after = (onnx_report or {}).get(NMS_AFTER_GRAPH)
+    if with_nms and after:  # no ONNX form of this NMS: model.onnx ends before it (model.json has it inside)
+        outputs = dict(outputs, **{"model.onnx": {
+            "boxes": f"[N, M, {box_values}] float32, scores [N, C, M]: the raw outputs; apply the NMS below",
+            "nms": after}})
     return {
         "input": {"name": "image", "shape": [-1, 3, height, width], "dtype": "float32", "layout": "NCHW",
                   "channel_order": "RGB"},
@@ -344,6 +358,12 @@ def plain_graph_contract(infer_cfg_path: str, size: List[int], with_nms: bool) -
         "coordinates": "pixels of the H x W input; x / (W / image width), y / (H / image height) for the image",
         "batch": "any N without NMS; with NMS the ONNX graph takes one image per run",
     }
+
+
+def _box_values(model: nn.Layer, size: List[int]) -> int:
+    """How many values a box of ``model``'s NMS has: 8 for rotated boxes (PP-YOLOE-R), else 4."""
+    call = detectors.last_nms_call(model, size)
+    return int(call[1][-1]) if call is not None and len(call[1]) else 4
 
 
 def _fit_to_export_size(path: str, size: List[int]) -> None:
@@ -610,7 +630,8 @@ def export(config: DetectionConfig, output_dir: str, weights: Optional[str] = No
             "config": os.path.abspath(config.path), "weights": weights or config.weights or None,
             "weights_form": built.weights_form, "random_weights": built.weights_form == "random",
             "input_size": size, "with_nms": with_nms, "image_only": image_only,
-            **({"plain_graph": plain_graph_contract(os.path.join(tmp, INFER_CFG), size, with_nms)}
+            **({"plain_graph": plain_graph_contract(os.path.join(tmp, INFER_CFG), size, with_nms,
+                                                    _box_values(built.model, size), onnx_report)}
                if image_only else {}),
             "conversion": built.conversion.to_dict() if built.conversion else None,
             "verification": verification.to_dict(),
