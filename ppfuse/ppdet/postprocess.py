@@ -524,17 +524,24 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False) 
             setattr(owner, name, function)
 
 
+class NMSReached(Exception):
+    """Raised by :func:`nms_inputs` with ``stop=True`` in place of the NMS: its inputs are in the store."""
+
+
 @contextlib.contextmanager
-def nms_inputs(store: list) -> Iterator[None]:
+def nms_inputs(store: list, stop: bool = False) -> Iterator[None]:
     """While active (inside :func:`pir_traceable_postprocess`), every ``multiclass_nms`` and ``matrix_nms`` call
     also appends its ``(boxes, scores)`` to ``store``: a detector's raw boxes and scores, the last step before
-    NMS (the plain graph's outputs without NMS)."""
+    NMS (the plain graph's outputs without NMS). With ``stop`` (dygraph), the first call raises
+    :class:`NMSReached` instead of running the NMS (ONNX's dense matrix NMS needs ``[C, M, M]`` tensors)."""
     from ppdet.modeling import ops
     saved = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
 
     def keeping(function):
         def call(bboxes, scores, *args, **kwargs):
             store.append((bboxes, scores))
+            if stop:
+                raise NMSReached()
             return function(bboxes, scores, *args, **kwargs)
         return call
     try:
