@@ -12,7 +12,9 @@ tied boxes keeps arbitrary ones (ONNX Runtime and Paddle Inference keep differen
 NMS are not determined there. ``_same_detections`` first asserts that the reference's scores are below
 saturation, so the comparison it makes is one the models determine. A top-k before NMS (RetinaNet's ``nms_pre``)
 lists anchors whose best scores tie to fp32 rounding in either order: the raw comparison pairs those rows
-(``onnx_support.order_tied_rows``), and only those, as Paddle Inference orders them.
+(``onnx_support.order_tied_rows``), and only those, as Paddle Inference orders them. PP-YOLO(v2) with DCN
+amplifies fp32 rounding beyond the check's tolerance in both runtimes: ONNX Runtime is measured against a float64
+evaluation of the model, as close to it as Paddle Inference is.
 Skipped without the [onnx] / [openvino] extras. Long cases are marked slow.
 """
 import importlib.util
@@ -227,6 +229,31 @@ def test_rotated_nms_follows_the_onnx_graph_in_every_runtime_and_precision(tmp_p
         assert list(got) == ["bbox", "bbox_num"] and len(got["bbox_num"]) == 2, (name, precision)
         np.testing.assert_array_equal(got["bbox_num"], number.numpy(), err_msg=f"{name} {precision}")
         np.testing.assert_array_equal(got["bbox"], want.numpy().reshape(-1, 10), err_msg=f"{name} {precision}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["configs/ppyolo/ppyolo_r50vd_dcn_1x_coco.yml",
+                                  "configs/ppyolo/ppyolov2_r50vd_dcn_365e_coco.yml"],
+                         ids=["ppyolo_r50vd_dcn", "ppyolov2_r50vd_dcn"])
+def test_ppyolo_dcn_onnx_is_as_close_to_float64_as_paddle_inference(tmp_path, path):
+    """PP-YOLO(v2) ResNet50-vd-DCN on random weights amplifies fp32 rounding through its depth and box
+    decoding's exp(): both runtimes' boxes before NMS are further from a float64 evaluation of the model than
+    the export's fixed tolerance between the runtimes, so the export decides by the float64 criterion.
+    Measured here for the plain graph without NMS: ONNX Runtime and OpenVINO (ppfuse's DeformConv rule) no
+    further from float64 than twice Paddle Inference's own fp32 error, per output. (Its scores saturate at 1.0,
+    so detections after NMS are not determined.)"""
+    from ppfuse.ppdet import detectors
+    directory = _export(tmp_path, path, image_only=True, with_nms=False)
+    values = {n: t.numpy() for n, t in detectors.generated_inputs([SIZE, SIZE], 1, 3).items()}
+    config = detection.load_config(os.path.join(ROOT, path), coverage.size_overrides(SIZE) + ["weights="])
+    model = detection.build_model(config, deploy=True, seed=0, check=False).model  # the export's weights
+    exact = export.raw_outputs_float64(model, values, [SIZE, SIZE], export.Graph(with_nms=False, image_only=True))
+    inference = list(runtime.load(directory, "paddle").run({"image": values["image"]}).values())
+    for name in RUNTIMES:  # OpenVINO through ppfuse's DeformConv conversion rule
+        got_all = list(runtime.load(directory, name).run({"image": values["image"]}).values())
+        for output, want, fp32, got in zip(["boxes", "scores"], exact, inference, got_all):
+            own, error = np.abs(fp32 - want).max(), np.abs(got - want).max()
+            assert error <= 2 * own, f"{name} {output}: {error:.3g} from float64, Paddle Inference {own:.3g}"
 
 
 def test_plain_graph_without_nms_of_a_top_k_family_is_one_line(tmp_path):

@@ -8,9 +8,13 @@ stands for, on generated inputs:
   against ppdet's per-image loop in dygraph: the same kernels on the same values, so to fp32 rounding (1e-5);
   TTFNet's post-processing for one image against ppdet's loop;
 - ``order_tied_rows``: rows of near-tied best scores in another order are compared in the reference's order,
-  rows that are not tied are left for the comparison to refuse.
+  rows that are not tied are left for the comparison to refuse;
+- the ONNX check's float64 criterion (``check_extra_outputs(exact=...)``): on a conv whose cancelling sums
+  amplify fp32 rounding beyond the tolerance, ONNX Runtime passes by being no further from float64 than twice
+  Paddle Inference's own error; the same graph with weights 1e-3 off fails it.
 """
 import os
+import shutil
 
 import numpy as np
 import paddle
@@ -59,6 +63,90 @@ def _onnx_of(tmp_path, epsilons, shape, x=None):
     assert child.exitcode == 0, f"saving the program failed in the child process (exit code {child.exitcode})"
     path = onnx_support.to_onnx(directory, str(tmp_path / "model.onnx"))
     return path, (np.load(os.path.join(directory, "want.npy")) if x is not None else None)
+
+
+def _save_amplifier(directory, x_file):
+    """Runs in a child process (as :func:`_save_program`): builds :class:`_Amplifier` for the input in ``x_file``,
+    saves its program, then its output evaluated in float64 (``float64_copy``, after the trace left its values in
+    the layer's ``inputs``)."""
+    import paddle as child_paddle
+    from ppfuse.core.verify import float64_copy
+    from ppfuse.export_format import MODEL_FILE
+    child_paddle.seed(0)
+    x = np.load(x_file)
+    layer = _Amplifier(child_paddle.to_tensor(x))
+    layer.eval()
+    child_paddle.jit.save(child_paddle.jit.to_static(layer, full_graph=True), os.path.join(directory, MODEL_FILE),
+                          input_spec=[child_paddle.static.InputSpec(list(x.shape), "float32", "x")])
+    with child_paddle.no_grad():
+        exact = float64_copy(layer)(child_paddle.to_tensor(x.astype("float64")))
+    np.savez(os.path.join(directory, "float64.npz"), exact.numpy())
+
+
+class _Amplifier(paddle.nn.Layer):
+    """A 1x1 conv whose terms cancel -- weights of zero sum per output channel on inputs near 10 that vary by
+    1% --, so that its fp32 sums round at the size of their terms, ~100 times the result's own ulp: fp32
+    rounding amplified, as a deep network on random weights does. Keeps its input as ``self.inputs``, as
+    ppdet's detectors do."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(int(x.shape[1]), 8, 1, bias_attr=False)
+        with paddle.no_grad():
+            self.conv.weight.set_value(self.conv.weight - self.conv.weight.mean(axis=[1, 2, 3], keepdim=True))
+
+    def forward(self, x):
+        self.inputs = {"x": x}
+        return self.conv(x)
+
+
+def _scale_conv_weights(path, out_path, factor):
+    """``path``'s ONNX model with every Conv's weight times ``factor`` (a conversion that is off)."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(path)
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * factor, tensor.name))
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in weights:
+            value = node.attribute[0].t
+            value.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value) * factor, value.name))
+    onnx.save(model, out_path)
+
+
+def test_the_onnx_check_tells_amplified_rounding_from_a_wrong_conversion(tmp_path):
+    """ONNX Runtime's output against Paddle Inference's within 1e-5 of the output's scale: below the rounding
+    the cancelling sums amplify (the runtimes sum in other orders), so the fixed tolerance alone refuses; the
+    float64 criterion passes the faithful conversion and refuses one whose weights are 1e-3 off."""
+    import multiprocessing
+    pytest.importorskip("paddle2onnx")
+    pytest.importorskip("onnxruntime")
+    from ppfuse.deploy import onnx_support
+    directory = str(tmp_path / "program")
+    os.makedirs(directory)
+    x = (10 + np.random.RandomState(0).uniform(-0.1, 0.1, (1, 512, 12, 12))).astype("float32")
+    np.save(str(tmp_path / "x.npy"), x)
+    child = multiprocessing.get_context("spawn").Process(target=_save_amplifier,
+                                                         args=(directory, str(tmp_path / "x.npy")))
+    child.start()
+    child.join(300)
+    assert child.exitcode == 0, f"saving the program failed in the child process (exit code {child.exitcode})"
+    path = onnx_support.to_onnx(directory, str(tmp_path / "model.onnx"))
+    exact = np.load(os.path.join(directory, "float64.npz"))["arr_0"]
+    _scale_conv_weights(path, str(tmp_path / "wrong.onnx"), 1 + 1e-3)
+
+    def check(name, **kwargs):  # the check drops the compared outputs from the file: each case on a copy
+        copy = str(tmp_path / f"check-{len(os.listdir(tmp_path))}.onnx")
+        shutil.copy(str(tmp_path / name), copy)
+        return onnx_support.check_extra_outputs(directory, copy, {"x": x}, atol=1e-5, rtol=1e-5, keep=0, **kwargs)
+    ok, text = check("model.onnx")
+    assert not ok and "above tolerance" in text, text
+    ok, text = check("model.onnx", exact=lambda: [exact])
+    assert ok and "passed by the float64 criterion" in text, text
+    ok, text = check("wrong.onnx", exact=lambda: [exact])
+    assert not ok and "failed the float64 criterion" in text, text
 
 
 class _ConvGroupNorms(paddle.nn.Layer):

@@ -275,3 +275,23 @@ def test_nested_contexts_restore_the_originals():
         assert ops.multiclass_nms is ppdet_postprocess.multiclass_nms
     for name, function in originals.items():
         assert getattr(ops, name) is function
+
+
+def test_nms_inputs_with_stop_keeps_the_inputs_and_runs_no_nms():
+    """``nms_inputs(store, stop=True)`` (the float64 reference of the export's ONNX check): the boxes and scores
+    reach the store as given, NMS is not run (NMSReached instead), and ppdet's functions come back."""
+    rng = np.random.RandomState(0)
+    bboxes = paddle.to_tensor(random_boxes(rng, (1, 30)))
+    scores = paddle.to_tensor(distinct_scores(rng, (1, 3, 30)))
+    originals = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
+    for name in originals:
+        store = []
+        with pir_traceable_postprocess(), ppdet_postprocess.nms_inputs(store, stop=True):
+            with pytest.raises(ppdet_postprocess.NMSReached):
+                getattr(ops, name)(bboxes, scores, 0.05, 0.05, 10, 10) if name == "matrix_nms" else \
+                    getattr(ops, name)(bboxes, scores, 0.05, 10, 10)
+        assert len(store) == 1
+        assert_same(store[0][0].numpy(), bboxes.numpy(), 0.0)
+        assert_same(store[0][1].numpy(), scores.numpy(), 0.0)
+    for name, function in originals.items():
+        assert getattr(ops, name) is function

@@ -27,6 +27,45 @@ def test_rounding_check_passes_within_twice_the_original_error_and_fails_beyond(
     assert not rounding_check(original, far, truth).ok
 
 
+def test_the_float64_reference_of_a_traced_model_leaves_the_trace_values_out():
+    """ppdet's detectors keep their inputs as ``self.inputs``; once a wrapper around one is traced (the export's
+    ``to_static``), those are the trace's values, which ``deepcopy`` cannot copy. The float64 copy leaves them
+    out and computes what the model computes."""
+    import paddle
+
+    from ppfuse.core.verify import float64_copy
+
+    class KeepsInputs(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(3, 4, 3)
+
+        def forward(self, x):
+            self.inputs = {"image": x}
+            return self.conv(x)
+
+    class Wrapper(paddle.nn.Layer):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)
+    paddle.seed(0)
+    model = KeepsInputs()
+    model.eval()
+    wrapper = Wrapper(model)
+    paddle.jit.to_static(wrapper, input_spec=[paddle.static.InputSpec([1, 3, 8, 8], "float32", "x")],
+                         full_graph=True).forward.concrete_program
+    assert isinstance(model.inputs["image"], paddle.pir.Value)
+    model64 = float64_copy(model)
+    x = paddle.to_tensor(np.random.RandomState(0).uniform(-1, 1, (1, 3, 8, 8)).astype("float32"))
+    with paddle.no_grad():
+        want, got = model(x).numpy(), model64(x.astype("float64")).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_rounding_check_fails_on_nan():
     truth = {"scores": np.linspace(0, 1, 10)}
     original = {"scores": truth["scores"] + 1e-6}

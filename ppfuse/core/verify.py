@@ -42,6 +42,7 @@ class RoundingCheck:
     original_error: Dict[str, float]   # max |original fp32 - original float64|
     candidate_error: Dict[str, float]  # max |candidate - original float64|
     factor: float = 2.0
+    original: str = "the original"     # who computed the fp32 reference, for the messages
 
     @property
     def ok(self) -> bool:
@@ -51,16 +52,19 @@ class RoundingCheck:
                    for k in self.original_error)
 
     def summary(self) -> str:
-        return "; ".join(f"{k}: {self.candidate_error[k]:.3g} from float64 (original fp32: "
+        who = "original" if self.original == "the original" else self.original
+        return "; ".join(f"{k}: {self.candidate_error[k]:.3g} from float64 ({who} fp32: "
                          f"{self.original_error[k]:.3g})" for k in self.original_error)
 
 
 def rounding_check(original32: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
-                   original64: Dict[str, np.ndarray], factor: float = 2.0) -> RoundingCheck:
-    """The one criterion for "as close to the exact function as fp32 allows" (see :class:`RoundingCheck`)."""
+                   original64: Dict[str, np.ndarray], factor: float = 2.0,
+                   original: str = "the original") -> RoundingCheck:
+    """The one criterion for "as close to the exact function as fp32 allows" (see :class:`RoundingCheck`);
+    ``original`` names who computed ``original32`` in the messages."""
     def error(values):
         return {k: finite_error(original64[k], values[k].astype(np.float64)) for k in original64}
-    return RoundingCheck(error(original32), error(candidate), factor)
+    return RoundingCheck(error(original32), error(candidate), factor, original)
 
 
 def same_nonfinite(reference: np.ndarray, candidate: np.ndarray) -> bool:
@@ -135,14 +139,14 @@ class VerificationResult:
             return f"{errors}: within tolerance ({tolerance})"
         if self.rounding is None:
             return f"{errors}: above tolerance ({tolerance})"
-        factor = f"{self.rounding.factor:g}x"
+        factor, who = f"{self.rounding.factor:g}x", self.rounding.original
         if self.rounding.ok:
             return (f"{errors}: above the fixed tolerance ({tolerance}), passed by the float64 criterion: "
-                    f"no further from a float64 evaluation of the original than {factor} the original's own "
-                    f"fp32 error, so the difference is fp32 rounding that this model amplifies, not the "
-                    f"conversion ({self.rounding.summary()})")
+                    f"no further from a float64 evaluation of {'the model' if who != 'the original' else who} "
+                    f"than {factor} {who}'s own fp32 error, so the difference is fp32 rounding that this model "
+                    f"amplifies, not the conversion ({self.rounding.summary()})")
         return (f"{errors}: above the fixed tolerance ({tolerance}) and failed the float64 criterion: "
-                f"BEYOND {factor} the original's own fp32 error from a float64 evaluation "
+                f"BEYOND {factor} {who}'s own fp32 error from a float64 evaluation "
                 f"({self.rounding.summary()})")
 
     def to_dict(self) -> dict:
@@ -214,11 +218,23 @@ class TopKReplay:
                 f"of {self.total} chosen indices would differ)")
 
 
+def _traced_values(model) -> Dict[int, None]:
+    """A ``deepcopy`` memo that copies as None the attributes holding values of a trace (PIR ``Value``s, alone
+    or in a dict, list or tuple): ppdet's ``BaseArch.forward`` keeps its inputs as ``self.inputs``, which after
+    ``to_static`` are the trace's, and ``deepcopy`` cannot copy those. Its next forward sets them again."""
+    def traced(value):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        return any(isinstance(item, paddle.pir.Value) for item in items)
+    return {id(value): None for layer in [model] + model.sublayers() for value in vars(layer).values()
+            if traced(value)}
+
+
 def float64_copy(model):
     """A copy of ``model`` computing in float64 -- the reference that tells fp32 rounding from a conversion
     error. Parameters and buffers are cast by ``Layer.to``; tensors a layer keeps as plain attributes
-    (PP-YOLOE's precomputed ``anchor_points``, ``stride_tensor``) too. ``model`` is left as it is."""
-    model64 = copy.deepcopy(model)
+    (PP-YOLOE's precomputed ``anchor_points``, ``stride_tensor``) too; values a trace left in attributes are
+    not copied (:func:`_traced_values`). ``model`` is left as it is."""
+    model64 = copy.deepcopy(model, _traced_values(model))
     kept = {}  # Layer.to casts every buffer; masks and indices keep their dtype
     for layer in [model64] + model64.sublayers():
         for key, value in layer._buffers.items():
@@ -307,11 +323,12 @@ def compare(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
 
 
 def judge(original: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray], atol: float, rtol: float,
-          original64: Callable[[], Dict[str, np.ndarray]]) -> VerificationResult:
-    """:func:`compare`, and beyond tolerance the float64 check (``original64`` is called only then)."""
+          original64: Callable[[], Dict[str, np.ndarray]], name: str = "the original") -> VerificationResult:
+    """:func:`compare`, and beyond tolerance the float64 check (``original64`` is called only then);
+    ``name`` says who computed ``original`` in the messages."""
     result = compare(original, candidate, atol, rtol)
     if not result.within_tolerance:
-        result.rounding = rounding_check(original, candidate, original64())
+        result.rounding = rounding_check(original, candidate, original64(), original=name)
     return result
 
 

@@ -564,6 +564,10 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False,
             setattr(owner, name, function)
 
 
+class NMSReached(Exception):
+    """Raised by :func:`nms_inputs` with ``stop=True`` in place of the NMS: its inputs are in the store."""
+
+
 @paddle.jit.not_to_static  # Python bookkeeping, not part of a traced program
 def _record_call(calls: list, name: str, signature: inspect.Signature, bboxes, scores, args, kwargs) -> None:
     bound = signature.bind(bboxes, scores, *args, **kwargs)
@@ -573,12 +577,13 @@ def _record_call(calls: list, name: str, signature: inspect.Signature, bboxes, s
 
 
 @contextlib.contextmanager
-def nms_inputs(store: list, calls: Optional[List[tuple]] = None) -> Iterator[None]:
+def nms_inputs(store: list, calls: Optional[List[tuple]] = None, stop: bool = False) -> Iterator[None]:
     """While active (inside :func:`pir_traceable_postprocess`), every ``multiclass_nms`` and ``matrix_nms`` call
     also appends its ``(boxes, scores)`` to ``store``: a detector's raw boxes and scores, the last step before
     NMS (the plain graph's outputs without NMS); and to ``calls``, when given, ``(name, box shape, score shape,
     {argument: value})`` with every argument but the two tensors, defaults included (for
-    :func:`nms_after_graph`)."""
+    :func:`nms_after_graph`). With ``stop`` (dygraph), the first call raises :class:`NMSReached` instead of
+    running the NMS (ONNX's dense matrix NMS needs ``[C, M, M]`` tensors)."""
     from ppdet.modeling import ops
     saved = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
 
@@ -589,6 +594,8 @@ def nms_inputs(store: list, calls: Optional[List[tuple]] = None) -> Iterator[Non
             store.append((bboxes, scores))
             if calls is not None:
                 _record_call(calls, name, signature, bboxes, scores, args, kwargs)
+            if stop:
+                raise NMSReached()
             return function(bboxes, scores, *args, **kwargs)
         return call
     try:
