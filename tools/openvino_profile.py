@@ -1,7 +1,8 @@
 """Where OpenVINO spends an export's inference time, per precision: its per-node performance counters.
 
     python tools/openvino_profile.py --model_dir output_inference/ppyoloe_plus_crn_s_80e_coco \
-        [--precisions fp32 bf16 int8] [--runs 20] [--threads 2] [--top 12] [--output_dir output/openvino_profile]
+        [--precisions fp32 bf16 int8] [--int8_rest fp32|bf16] [--runs 20] [--threads 2] [--top 12] \
+        [--output_dir output/openvino_profile]
 
 For each precision (int8 needs model_int8.onnx, tools/quantize.py) the export runs --runs times on a generated
 image with OpenVINO's PERF_COUNT on; the table gives milliseconds per run by node type and kernel (which
@@ -75,6 +76,8 @@ def run(argv):
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="rows per precision (the rest summed as 'other')")
+    parser.add_argument("--int8_rest", default="fp32", choices=["fp32", "bf16"],
+                        help="int8: the precision of what is not quantized (bf16 needs a bf16 CPU)")
     parser.add_argument("--output_dir", default="output/openvino_profile")
     from ppfuse.measure import results
     results.add_arguments(parser)
@@ -91,8 +94,9 @@ def run(argv):
              f"`{args.model_dir}`", ""]
     profiles = []
     for precision in args.precisions:
-        model = OpenVINO(args.model_dir, runtime.RuntimeOptions(precision=precision, cpu_threads=args.threads),
-                         perf_count=True)
+        rest = args.int8_rest if precision == "int8" else "fp32"
+        model = OpenVINO(args.model_dir, runtime.RuntimeOptions(precision=precision, cpu_threads=args.threads,
+                                                                int8_rest=rest), perf_count=True)
         report = model.confirm_precision(feeds)
         nodes = model.node_profile(feeds, args.runs)
         times = {}
