@@ -111,7 +111,7 @@ def _onnx_cells(directory, size, precisions, threads, work):
     from ppfuse.deploy.inference import split_detections
     from ppfuse.errors import first_line
     from ppfuse.measure.runtime_parity import match_detections
-    from ppfuse.runtime import RuntimeOptions, available, load
+    from ppfuse.runtime import CPU_PRECISIONS, RuntimeOptions, available, load
     from ppfuse.runtime.base import bf16_supported
     feeds = _feeds(size, load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).input_names)
     reference = load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).run(feeds)
@@ -130,6 +130,8 @@ def _onnx_cells(directory, size, precisions, threads, work):
             if not available(name):
                 cells[cell] = "not installed"
                 continue
+            if precision not in CPU_PRECISIONS[name]:
+                continue  # ONNX Runtime has no bf16 on CPU
             if precision == "bf16" and not bf16_supported():
                 cells[cell] = "no bf16 on this CPU"
                 continue
