@@ -87,7 +87,7 @@ def run(argv):
     import numpy as np
     from ppfuse import runtime
     from ppfuse.deploy.inference import Preprocess
-    from ppfuse.runtime.openvino_runtime import OpenVINO
+    from ppfuse.runtime.openvino_runtime import OpenVINO, by_kernel
     image = np.random.RandomState(0).uniform(0, 255, (480, 640, 3)).astype("uint8")
     feeds = Preprocess.from_infer_cfg(args.model_dir)(image)
     lines = [f"CPU: {runtime.cpu_description()}; {args.threads} threads; {args.runs} runs after one warm-up; "
@@ -99,9 +99,7 @@ def run(argv):
                                                                 int8_rest=rest), perf_count=True)
         report = model.confirm_precision(feeds)
         nodes = model.node_profile(feeds, args.runs)
-        times = {}
-        for node in nodes:
-            times[(node["node_type"], node["kernel"])] = times.get((node["node_type"], node["kernel"]), 0.0) + node["ms"]
+        times = by_kernel(nodes)
         total = sum(times.values())
         ranked = sorted(times.items(), key=lambda kv: -kv[1])
         rows = [[node_type, f"`{kernel}`", f"{ms:.2f}", f"{ms / total:.0%}"] for (node_type, kernel), ms in

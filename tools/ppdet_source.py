@@ -58,10 +58,8 @@ def _predictor(directory, threads, onednn):
 
 def _feed(predictor, size):
     import numpy as np
-    from ppfuse.ppdet import detectors
-    values = {k: v.numpy() for k, v in detectors.generated_inputs(size, 1, 5).items()}
-    for name in predictor.get_input_names():
-        predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(values[name]))
+    for name, value in _feeds(size, predictor.get_input_names()).items():
+        predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(value))
 
 
 def _time(predictors, size, runs, warmup, others=None, feeds=None):
@@ -94,32 +92,23 @@ def _time(predictors, size, runs, warmup, others=None, feeds=None):
     return {name: float(np.median(values)) for name, values in times.items()}, failed
 
 
-def _calibration_images(directory, size, count=4):
-    import cv2
-    import numpy as np
-    os.makedirs(directory, exist_ok=True)
-    for i in range(count):
-        cv2.imwrite(os.path.join(directory, f"{i}.png"), np.random.RandomState(10 + i).randint(
-            0, 255, (size[0], size[1], 3)).astype("uint8"))
-    return directory
-
-
 def _onnx_cells(directory, size, precisions, threads, work):
     """ppfuse's export in ONNX Runtime and OpenVINO: ``{cell: runtime}`` to time (each cell's detections on the
     generated image paired with Paddle Inference fp32's) and ``{cell: what it gave}`` for the table."""
     from ppfuse.deploy import quantize
     from ppfuse.deploy.inference import split_detections
     from ppfuse.errors import first_line
+    from ppfuse.measure.coverage import calibration_images
     from ppfuse.measure.runtime_parity import match_detections
     from ppfuse.runtime import CPU_PRECISIONS, RuntimeOptions, available, load
     from ppfuse.runtime.base import bf16_supported
-    feeds = _feeds(size, load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).input_names)
-    reference = load(directory, "paddle", RuntimeOptions(cpu_threads=threads)).run(feeds)
-    reference = split_detections(*list(reference.values())[:2])[0]
+    paddle_runtime = load(directory, "paddle", RuntimeOptions(cpu_threads=threads))
+    feeds = _feeds(size, paddle_runtime.input_names)
+    reference = split_detections(*list(paddle_runtime.run(feeds).values())[:2])[0]
     runtimes, cells = {}, {}
     if "int8" in precisions:
         try:
-            quantize.quantize_export(directory, _calibration_images(os.path.join(work, "calibration"), size),
+            quantize.quantize_export(directory, calibration_images(os.path.join(work, "calibration"), size, 4),
                                      quantize.QuantizeSettings(images=4), log=lambda message: None)
         except Exception as exc:
             cells["int8 (tools/quantize.py)"] = f"failed: {first_line(exc)[:200]}"

@@ -112,6 +112,17 @@ def _cell(exc: BaseException) -> str:
     return "no: " + first_line(exc)[:160].replace("|", "/")
 
 
+def calibration_images(directory: str, size: Sequence[int], count: int) -> str:
+    """``count`` generated images of ``size`` (seeded noise) as PNG files in ``directory``, for int8 calibration
+    of random-weight models (what they show does not matter); returns ``directory``."""
+    import cv2
+    os.makedirs(directory, exist_ok=True)
+    for i in range(count):
+        cv2.imwrite(os.path.join(directory, f"{i}.png"), np.random.RandomState(10 + i).randint(
+            0, 255, (size[0], size[1], 3)).astype("uint8"))
+    return directory
+
+
 def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threads: int) -> None:
     """The ONNX columns of ``row``: write and check ``model.onnx``, run it in ONNX Runtime and OpenVINO against
     Paddle Inference's ``outputs`` on ``feeds``, quantize and run int8. Each failure is its cell."""
@@ -138,12 +149,7 @@ def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threa
         except Exception as exc:
             setattr(row, name, _cell(exc))
     try:
-        import cv2
-        images = os.path.join(workdir, "calibration")
-        os.makedirs(images, exist_ok=True)
-        for i in range(2):
-            cv2.imwrite(os.path.join(images, f"{i}.png"), np.random.RandomState(10 + i).randint(
-                0, 255, (row.input_size[0], row.input_size[1], 3)).astype("uint8"))
+        images = calibration_images(os.path.join(workdir, "calibration"), row.input_size, 2)
         quantize.quantize_export(result.directory, images, quantize.QuantizeSettings(images=2),
                                  log=lambda message: None)
         model = load(result.directory, "onnxruntime", RuntimeOptions(precision="int8", cpu_threads=threads))

@@ -130,6 +130,14 @@ def write_ir(onnx_file: str, xml_file: str) -> None:
     ov.save_model(read_file(ov, None, onnx_file), xml_file, compress_to_fp16=False)
 
 
+def by_kernel(nodes: List[dict]) -> Dict[tuple, float]:
+    """:meth:`OpenVINO.node_profile`'s milliseconds summed per ``(node type, kernel)``."""
+    totals: Counter = Counter()
+    for node in nodes:
+        totals[(node["node_type"], node["kernel"])] += node["ms"]
+    return dict(totals)
+
+
 class OpenVINO(Runtime):
     """``model.onnx`` compiled by OpenVINO for the CPU, latency mode, with an explicit precision hint."""
 
@@ -180,10 +188,7 @@ class OpenVINO(Runtime):
         """Milliseconds per run spent in each ``(node type, kernel)`` OpenVINO executed (:meth:`node_profile`
         summed over nodes). The kernel names the implementation and precision (``brgconv_avx512_bf16``,
         ``brgconv_avx512_I8``, ``jit_avx512_FP32`` ...)."""
-        totals: Counter = Counter()
-        for node in self.node_profile(inputs, runs):
-            totals[(node["node_type"], node["kernel"])] += node["ms"]
-        return dict(totals)
+        return by_kernel(self.node_profile(inputs, runs))
 
     def node_profile(self, inputs: Mapping[str, np.ndarray], runs: int = 10) -> List[dict]:
         """Each executed node of the runtime model: name, node type, kernel, milliseconds per run from
