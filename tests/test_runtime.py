@@ -343,3 +343,34 @@ def test_compare_runtimes_runs_every_runtime_says_what_ran_and_warns_on_random_w
             assert f"{precision} requested, {precision} ran" in line, line
             checked += 1
     assert checked >= 1 + ONNX_EXTRA  # paddle fp32, and onnxruntime fp32 with the extra
+
+
+@pytest.mark.skipif(not base.bf16_supported(), reason="this CPU has no bf16 instructions")
+def test_paddle_inference_bf16_runs_a_transpose_reshape_softmax_matmul_tail(tmp_path):
+    """PicoDet's and GFL's distribution integral (transpose, reshape to [-1, 8], softmax, matmul with the bin
+    positions): Paddle 3.3.1's oneDNN bf16 could not create that predictor ("K_lhs:32 != K_rhs:8") until
+    ppfuse deleted the reshape fusion for bf16 (paddle_inference.DELETED_FOR_BF16); its outputs stay within
+    bf16 rounding of fp32."""
+    import paddle
+
+    class Integral(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(16, 32, 3, padding=1)
+            self.register_buffer("bins", paddle.arange(8, dtype="float32"))
+
+        def forward(self, image):
+            x = self.conv(image).transpose([0, 2, 3, 1]).reshape([-1, 8])
+            return paddle.matmul(paddle.nn.functional.softmax(x, axis=1), self.bins)
+
+    paddle.seed(0)
+    layer = Integral()
+    layer.eval()
+    spec = [paddle.static.InputSpec([None, 16, 20, 20], "float32", "image")]
+    paddle.jit.save(paddle.jit.to_static(layer, input_spec=spec, full_graph=True), str(tmp_path / "model"))
+    image = np.random.default_rng(0).standard_normal((1, 16, 20, 20)).astype("float32")
+    fp32 = runtime.load(str(tmp_path), "paddle", base.RuntimeOptions()).run({"image": image})
+    bf16 = runtime.load(str(tmp_path), "paddle", base.RuntimeOptions(precision="bf16")).run({"image": image})
+    (want,), (got,) = fp32.values(), bf16.values()
+    assert got.shape == want.shape == (20 * 20 * 4,)
+    assert np.abs(got - want).mean() < 0.02 * np.abs(want).max() and np.isfinite(got).all()

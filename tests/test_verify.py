@@ -106,6 +106,47 @@ def test_benchmark_bf16_cells_are_judged_by_mean_error():
     assert not ok
 
 
+def test_benchmark_bf16_beyond_the_limit_passes_only_within_the_unconverted_paths_own_drift():
+    """A head that amplifies bf16 rounding beyond the fixed limit before any conversion: the converted cell
+    passes when its mean drift is within BF16_OF_BASELINE of the ppdet path's in the same runtime, not beyond."""
+    from ppfuse.measure.benchmark import BF16_OF_BASELINE, low_precision_errors
+    rng = np.random.default_rng(4)
+    size = [640, 640]
+    boxes = rng.uniform(0, 640, (1, 100, 4)).astype(np.float32)
+    scores = rng.uniform(0, 1, (1, 80, 100)).astype(np.float32)
+    reference = Reference([boxes, scores], [boxes.astype(np.float64), scores.astype(np.float64)])
+    unconverted = [boxes, scores + rng.normal(0, 0.02, scores.shape)]  # score drift 4x the fixed 0.005
+    baseline = {k: float(e.mean()) for k, e in low_precision_errors(reference, unconverted, size).items()}
+    assert 0.012 < baseline["scores"] < 0.02 and baseline["boxes_over_size"] == 0.0
+    assert not parity(reference, unconverted, size, with_nms=False, precision="bf16")[0]
+    close = [boxes, scores + rng.normal(0, 0.024, scores.shape)]  # 1.2x the baseline's drift
+    ok, text = parity(reference, close, size, with_nms=False, precision="bf16", baseline=baseline)
+    assert ok and "the ppdet path's own bf16 drift" in text, text
+    far = [boxes, scores + rng.normal(0, 0.02 * BF16_OF_BASELINE * 1.4, scores.shape)]
+    ok, text = parity(reference, far, size, with_nms=False, precision="bf16", baseline=baseline)
+    assert not ok and text.startswith("differ:"), text
+    ok, _ = parity(reference, [boxes + 10.0, scores], size, with_nms=False, precision="bf16", baseline=baseline)
+    assert not ok  # the box error is beyond both the limit and the baseline's (zero) box drift
+
+
+def test_benchmark_detections_pair_in_any_order_and_fail_on_a_moved_box():
+    """Runtimes list one class's detections in different orders; the pairing is one to one."""
+    rng = np.random.default_rng(5)
+    bbox = np.concatenate([rng.integers(0, 3, (6, 1)), rng.uniform(0.3, 1, (6, 1)),
+                           rng.uniform(0, 300, (6, 4))], axis=1).astype(np.float32)
+    num = np.array([4, 2], np.int32)
+    reference = Reference([bbox, num], None)
+    shuffled = np.concatenate([bbox[:4][[2, 0, 3, 1]], bbox[4:][[1, 0]]])
+    ok, text = parity(reference, [shuffled, num], [320, 320], with_nms=True)
+    assert ok and text.startswith("same detections"), text
+    moved = shuffled.copy()
+    moved[1, 3] += 2.0
+    ok, text = parity(reference, [moved, num], [320, 320], with_nms=True)
+    assert not ok and "no counterpart" in text, text
+    across = np.concatenate([bbox[:3], bbox[4:5], bbox[3:4], bbox[5:]])  # a row moved to the other image
+    assert not parity(reference, [across, num], [320, 320], with_nms=True)[0]
+
+
 def test_benchmark_int8_cells_show_their_drift_and_fail_only_when_broken():
     """int8 of random weights is not judged by a tolerance (its drift is printed); NaN still fails."""
     rng = np.random.default_rng(3)

@@ -4,6 +4,8 @@
         [-c configs/ppyoloe/ppyoloe_plus_crn_l_80e_coco.yml] [--threads 2] [--runs 30] \
         [--output_dir output_bench] [--with_nms] [--delete_passes constant_folding_pass ...]
 
+Any detector family the export handles (PicoDet, YOLOX, RetinaNet, DETR, PP-YOLOE-R, ...): without NMS, PP-YOLOE's
+boxes and scores, another family's head outputs, each compared relative to its own scale (docs/measuring.md).
 Rows: Paddle Inference (oneDNN fp32 and bf16, no oneDNN -- ppfuse deploy's model_plain.json there, the form
 for that path), ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and int8 -- each that can
 run here (extras installed; bf16 on a CPU with bf16 instructions), the others listed with the reason.

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -361,20 +361,37 @@ def verify(original: Callable, converted: Callable, inputs: List[Any], atol: flo
     return result
 
 
-def compare_detections(reference, candidate, box_atol: float, score_atol: float = 1e-4):
-    """Two ppdet-style NMS outputs ``(bbox [K, 6], bbox_num [N])``: same detections?
+def pair_detections(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], box_atol: float,
+                    score_atol: float = 1e-4, rtol: float = 1e-4) -> Tuple[bool, str]:
+    """Two ppdet-style NMS outputs ``(bbox [K, 6 or 10], bbox_num [N])``: the same detections in any order?
 
-    Same counts and classes, scores within ``score_atol``, boxes within
-    ``box_atol`` pixels. Returns ``(ok, description)``.
+    Per image the same count; each reference row, best score first, pairs with one unpaired candidate row of
+    its class whose score is within ``score_atol`` and coordinates within ``box_atol + rtol * |value|``.
+    (Paddle's NMS lists detections class by class below ``keep_top_k``, ONNX's by score.) Returns
+    ``(ok, description)``.
     """
-    ref_bbox, ref_num = (np.asarray(a) for a in reference)
-    bbox, num = (np.asarray(a) for a in candidate)
-    if not np.array_equal(num, ref_num):
-        return False, f"different count ({num.tolist()} vs {ref_num.tolist()})"
-    if not np.array_equal(bbox[:, 0], ref_bbox[:, 0]):
-        return False, "different classes"
-    score = float(np.abs(bbox[:, 1] - ref_bbox[:, 1]).max()) if len(bbox) else 0.0
-    box = float(np.abs(bbox[:, 2:] - ref_bbox[:, 2:]).max()) if len(bbox) else 0.0
-    if score <= score_atol and box <= box_atol:
-        return True, f"same (box diff {box:.2g} px, score diff {score:.2g})"
-    return False, f"differ: box {box:.3g} px, score {score:.2g}"
+    ref_bbox, ref_num = (np.asarray(a) for a in reference[:2])
+    bbox, num = (np.asarray(a) for a in candidate[:2])
+    if not np.array_equal(np.asarray(num).reshape(-1), np.asarray(ref_num).reshape(-1)):
+        return False, f"different count ({np.asarray(num).reshape(-1).tolist()} vs {np.asarray(ref_num).reshape(-1).tolist()})"
+    box_diff = score_diff = 0.0
+    start = 0
+    for n in np.asarray(ref_num).reshape(-1):
+        want, got = ref_bbox[start:start + int(n)], bbox[start:start + int(n)]
+        start += int(n)
+        free = np.ones(len(got), bool)
+        for i in np.argsort(-want[:, 1], kind="stable"):
+            row = want[i]
+            limit = box_atol + rtol * np.abs(row[2:])
+            fits = free & (got[:, 0] == row[0]) & (np.abs(got[:, 1] - row[1]) <= score_atol) & \
+                np.all(np.abs(got[:, 2:] - row[2:]) <= limit, axis=1)
+            if not fits.any():
+                return False, (f"differ: reference detection class {int(row[0])}, score {row[1]:.4g}, box "
+                               f"{np.round(row[2:], 2).tolist()} has no counterpart")
+            j = int(np.flatnonzero(fits)[np.argmin(np.abs(got[fits, 2:] - row[2:]).max(axis=1))])
+            free[j] = False
+            box_diff = max(box_diff, float(np.abs(got[j, 2:] - row[2:]).max()))
+            score_diff = max(score_diff, float(abs(got[j, 1] - row[1])))
+    return True, f"same detections (box diff {box_diff:.2g} px, score diff {score_diff:.2g})"
+
+

@@ -25,13 +25,13 @@ from ppfuse.errors import ExportError, VerificationError, require_module
 from ppfuse.export_format import ONNX_FILE, PARAMS_FILE, program_file
 from ppfuse.runtime.onnx_runtime import create_session
 from ppfuse.runtime.paddle_inference import PaddleInference
-from ppfuse.core.verify import compare, judge
+from ppfuse.core.verify import compare, judge, pair_detections
 from ppfuse.deploy.program import count_ops
 
 __all__ = ["ONNX_FILE", "to_onnx", "unconvertible_ops", "repair_group_norm_epsilons",
            "repair_deform_conv_offset_groups", "integer_max_in_int64", "node_counts", "session",
            "run_onnx", "check_against_paddle", "check_extra_outputs", "check_raw_outputs", "compare_relative",
-           "order_tied_rows", "name_outputs", "pair_detections", "fold_batch_norms", "random_inputs", "verify_fold"]
+           "order_tied_rows", "name_outputs", "fold_batch_norms", "random_inputs", "verify_fold"]
 # the scores' tolerance when raw rows are paired across a top-k's near ties (the export's tenfold check of them)
 RAW_SCORE_ATOL = 1e-3
 DEFAULT_OPSET = 13  # Max on int64 shapes (the exact upsample's expand) needs opset >= 12
@@ -477,40 +477,6 @@ def session(onnx_path: str, threads: int = 2):
 def run_onnx(sess, inputs: Dict[str, np.ndarray]) -> List[np.ndarray]:
     names = [i.name for i in sess.get_inputs()]
     return sess.run(None, {n: inputs[n] for n in names})
-
-
-def pair_detections(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], box_atol: float,
-                    score_atol: float = 1e-4, rtol: float = 1e-4) -> Tuple[bool, str]:
-    """Two ppdet-style NMS outputs ``(bbox [K, 6 or 10], bbox_num [N])``: the same detections in any order?
-
-    Per image the same count; each reference row, best score first, pairs with one unpaired candidate row of
-    its class whose score is within ``score_atol`` and coordinates within ``box_atol + rtol * |value|``.
-    (Paddle's NMS lists detections class by class below ``keep_top_k``, ONNX's by score.) Returns
-    ``(ok, description)``.
-    """
-    ref_bbox, ref_num = (np.asarray(a) for a in reference[:2])
-    bbox, num = (np.asarray(a) for a in candidate[:2])
-    if not np.array_equal(np.asarray(num).reshape(-1), np.asarray(ref_num).reshape(-1)):
-        return False, f"different count ({np.asarray(num).reshape(-1).tolist()} vs {np.asarray(ref_num).reshape(-1).tolist()})"
-    box_diff = score_diff = 0.0
-    start = 0
-    for n in np.asarray(ref_num).reshape(-1):
-        want, got = ref_bbox[start:start + int(n)], bbox[start:start + int(n)]
-        start += int(n)
-        free = np.ones(len(got), bool)
-        for i in np.argsort(-want[:, 1], kind="stable"):
-            row = want[i]
-            limit = box_atol + rtol * np.abs(row[2:])
-            fits = free & (got[:, 0] == row[0]) & (np.abs(got[:, 1] - row[1]) <= score_atol) & \
-                np.all(np.abs(got[:, 2:] - row[2:]) <= limit, axis=1)
-            if not fits.any():
-                return False, (f"differ: reference detection class {int(row[0])}, score {row[1]:.4g}, box "
-                               f"{np.round(row[2:], 2).tolist()} has no counterpart")
-            j = int(np.flatnonzero(fits)[np.argmin(np.abs(got[fits, 2:] - row[2:]).max(axis=1))])
-            free[j] = False
-            box_diff = max(box_diff, float(np.abs(got[j, 2:] - row[2:]).max()))
-            score_diff = max(score_diff, float(abs(got[j, 1] - row[1])))
-    return True, f"same detections (box diff {box_diff:.2g} px, score diff {score_diff:.2g})"
 
 
 def order_tied_rows(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], atol: Sequence[float],

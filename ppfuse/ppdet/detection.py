@@ -439,13 +439,15 @@ def build_model(config: DetectionConfig, weights: Optional[str] = None, deploy: 
 
 
 def convert_detector(config: DetectionConfig, training_model: nn.Layer, check: bool = True, strict: bool = False,
-                     seed: int = 0) -> ConversionReport:
-    """The deploy form of a detector (a converted copy): every fold confirmed against the trace of its raw
-    outputs at the config's input size, and (``check``) those outputs compared. The one way a detector is
-    converted, so a deploy checkpoint's keys are those of what the export writes."""
+                     seed: int = 0, inplace: bool = False) -> ConversionReport:
+    """The deploy form of a detector (a converted copy, or ``training_model`` itself with ``inplace``): every
+    fold confirmed against the trace of its raw outputs at the config's input size, and (``check``) those
+    outputs compared. The one way a detector is converted, so a deploy checkpoint's keys are those of what the
+    export writes."""
     size = config.input_size()
     with detectors.traceable(training_model):
-        return convert(training_model, strict=strict, input_spec=detectors.input_spec(training_model, size),
+        return convert(training_model, inplace=inplace, strict=strict,
+                       input_spec=detectors.input_spec(training_model, size),
                        example_inputs=detectors.sample_inputs(size, 1, seed, detectors.input_names(training_model)),
                        check=check, forward_with=lambda model: detectors.wrapper_for(model, with_nms=False))
 

@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -203,6 +203,18 @@ def save_plain_program(model: nn.Layer, directory: str, size: List[int], with_nm
                           "--conv_bias channel_add for Paddle Inference without oneDNN")
 
 
+def judge_raw_outputs(original: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
+                      float64: Callable[[], Dict[str, np.ndarray]], atol: float = DEFAULT_ATOL,
+                      rtol: float = DEFAULT_RTOL) -> VerificationResult:
+    """The export's criterion on raw outputs (:func:`ppfuse.ppdet.detectors.raw_outputs`, or anything shaped
+    like them): every output relative to the original's largest magnitude of it
+    (:func:`ppfuse.ppdet.detectors.normalize_like`; PP-YOLOE's boxes over the input size and scores as they
+    are) within ``atol``/``rtol``, or beyond that no further from the float64 evaluation ``float64()``
+    (called only then) than twice the original's own fp32 error (:func:`ppfuse.core.verify.judge`)."""
+    reference, normalized = detectors.normalize_like(original, candidate)
+    return judge(reference, normalized, atol, rtol, lambda: detectors.normalize_like(original, float64())[1])
+
+
 def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int], atol: float = DEFAULT_ATOL,
                     rtol: float = DEFAULT_RTOL, seed: int = 0, conv_bias: str = DEFAULT_CONV_BIAS,
                     speed_forms: bool = True) -> VerificationResult:
@@ -226,30 +238,29 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
         original = detectors.raw_outputs(training_model, inputs, size)
     with deploy_rewrites(conv_bias, speed_forms):
         candidate = detectors.raw_outputs(deployed, inputs, size)
-    reference, candidate = detectors.normalize_like(original, candidate)
 
-    def float64_reference(replay: bool = False):
+    def float64_outputs(replay: bool = False):
         from ppfuse.core.verify import float64_copy
         try:
             with choices.replay() if replay else contextlib.nullcontext():
-                exact = detectors.raw_outputs(float64_copy(training_model),
-                                              [t.astype("float64") for t in inputs], size)
+                return detectors.raw_outputs(float64_copy(training_model), [t.astype("float64") for t in inputs],
+                                             size)
         except VerificationError:
             raise
         except Exception as exc:  # a ppdet module that cannot compute in float64
+            reference, normalized = detectors.normalize_like(original, candidate)
             raise VerificationError(f"deployed model differs from the original beyond tolerance "
-                                    f"({compare(reference, candidate, atol, rtol).brief()}), and the float64 "
+                                    f"({compare(reference, normalized, atol, rtol).brief()}), and the float64 "
                                     f"reference that would tell rounding from error could not run: "
                                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-        return detectors.normalize_like(original, exact)[1]
-    result = judge(reference, candidate, atol, rtol, float64_reference)
+    result = judge_raw_outputs(original, candidate, float64_outputs, atol, rtol)
     if not result.ok and choices.indices:
         # a top-k selection (RT-DETR's queries) turned rounding into other rows: compare with the original's
         # choices, each run's own values (TopKReplay)
         with deploy_rewrites(conv_bias, speed_forms), choices.replay():
-            replayed = detectors.normalize_like(original, detectors.raw_outputs(deployed, inputs, size))[1]
+            replayed = detectors.raw_outputs(deployed, inputs, size)
         description = choices.describe()
-        result = judge(reference, replayed, atol, rtol, lambda: float64_reference(replay=True))
+        result = judge_raw_outputs(original, replayed, lambda: float64_outputs(replay=True), atol, rtol)
         result.replayed = description
     if not result.ok:
         raise VerificationError(f"deployed model differs from the original beyond tolerance: {result.brief()}")
@@ -399,7 +410,7 @@ def _fit_to_export_size(path: str, size: List[int]) -> None:
 
 def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool = True, log=print,
                 graph: Optional[Graph] = None, strict_detections: bool = True, atol: float = DEFAULT_ATOL,
-                rtol: float = DEFAULT_RTOL) -> dict:
+                rtol: float = DEFAULT_RTOL, speed_forms: bool = True, folded: bool = True) -> dict:
     """Write and check ``model.onnx`` beside the Paddle program in ``directory``; raise (no ``model.onnx`` left)
     when it cannot be written or is off.
 
@@ -417,10 +428,14 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
       float64 criterion (:func:`raw_outputs_float64`): ONNX Runtime no further from a float64 evaluation of the
       model than twice Paddle Inference's own fp32 error (a model that amplifies rounding, PP-YOLO with DCN on
       random weights, exceeds any fixed tolerance in both runtimes);
-    - detections after NMS against ``model.json``'s, paired one to one (:func:`onnx_support.pair_detections`).
+    - detections after NMS against ``model.json``'s, paired one to one (:func:`ppfuse.core.verify.pair_detections`).
       Random weights give degenerate and tied boxes on which ONNX's NMS and Paddle's legitimately choose
       differently, so with ``strict_detections=False`` (an export of random weights) a difference there is
       reported, not refused -- the raw check still holds.
+
+    ``speed_forms``: the program forms of :func:`deploy_rewrites` for speed, as the Paddle program beside it was
+    written (the benchmark's ppdet path has them off). ``folded=False``: ``model`` is not the deployed form
+    (the benchmark's ppdet path), so BatchNormalization nodes are expected, not refused.
 
     Returns the record the export's report keeps under ``onnx``; in a finished export (its report written),
     the report is brought up to date with it.
@@ -455,7 +470,7 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         return raw_outputs_float64(model, values, size, graph)
     raw = None
     try:
-        save_inference_model(model, os.path.join(staging, MODEL_FILE), size, graph=graph)
+        save_inference_model(model, os.path.join(staging, MODEL_FILE), size, speed_forms=speed_forms, graph=graph)
         onnx_support.to_onnx(staging, path)
         # decoded boxes pass through exp(): fp32 differences of the network grow tenfold there
         if graph.nms_inputs_too:
@@ -471,7 +486,7 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         shutil.rmtree(staging, ignore_errors=True)
     try:
         nodes = onnx_support.node_counts(path)
-        left = {"BatchNormalization": nodes.get("BatchNormalization", 0)}
+        left = {"BatchNormalization": nodes.get("BatchNormalization", 0) if folded else 0}
         if ppyoloe:
             left["If"] = nodes.get("If", 0)
         if graph.nms_after:
