@@ -456,7 +456,7 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
     from ppfuse.ppdet.postprocess import nms_after_graph
     ppyoloe = detectors.is_ppyoloe_style(model)
     graph = replace(graph or Graph(with_nms=with_nms), onnx=True)
-    after = None
+    after = call = None
     if graph.with_nms:
         call = detectors.last_nms_call(model, size, graph.image_only)
         after = nms_after_graph(*call) if call is not None else None
@@ -521,8 +521,14 @@ def export_onnx(model: nn.Layer, directory: str, size: List[int], with_nms: bool
         if os.path.exists(path):
             os.remove(path)
         raise
-    nms = ("in the graph" if nodes.get("NonMaxSuppression") else "none in the post-processing (top-k)") \
-        if graph.with_nms else "none (raw outputs)"
+    if not graph.with_nms:
+        nms = "none (raw outputs)"
+    elif nodes.get("NonMaxSuppression"):
+        nms = "in the graph"
+    elif call is not None and call[0] == "matrix_nms":
+        nms = "in the graph: matrix NMS in ONNX operators, one class at a time"
+    else:
+        nms = "none in the post-processing (top-k)"
     if after is not None:
         nms = "after the graph: ppfuse's multiclass_nms3 on rotated boxes in ONNX Runtime and OpenVINO"
     record = {"nodes": nodes, "check": how, "raw_check": raw[1] if raw else None, "nms": nms,

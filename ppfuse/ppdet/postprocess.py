@@ -276,13 +276,18 @@ def onnx_matrix_nms(bboxes, scores, score_threshold: float, post_threshold: floa
                     keep_top_k: int, use_gaussian: bool = False, gaussian_sigma: float = 2.0,
                     background_label: int = 0, normalized: bool = True, return_index: bool = False,
                     return_rois_num: bool = True, name: Optional[str] = None):
-    """``matrix_nms`` (SOLOv2's matrix NMS, as Paddle's kernel computes it) in dense ops, for one image.
+    """``matrix_nms`` (SOLOv2's matrix NMS, as Paddle's kernel computes it) in ONNX-convertible ops, one image.
 
-    Per class: its ``nms_top_k`` best boxes above ``score_threshold`` in score order; ``iou[i, j]`` for
-    ``j < i``; ``decay_i = min_{j<i} f(iou[i, j], max_{l<j} iou[j, l])`` with ``f = (1 - iou) / (1 - iou_max)``
-    (or ``exp((iou_max^2 - iou^2) * sigma)``); the decayed score ``decay_i * score_i`` is kept above
-    ``post_threshold``; all classes' kept boxes by decayed score, the first ``keep_top_k``. Rows ``[class,
-    score, x1, y1, x2, y2]``, ``rois_num [1]``. paddle2onnx has no ``matrix_nms``.
+    Per class, as the kernel: its boxes above ``score_threshold`` (a dynamic count), the ``nms_top_k`` best in
+    score order (exact ties: the lower box first, where the kernel's ``std::partial_sort`` leaves it open; a
+    stable sort, so that Paddle, whose ``topk`` is not stable, and ONNX's ``TopK`` agree); ``iou[i, j]`` for ``j < i``; ``decay_i = min_{j<i} f(iou[i, j],
+    max_{l<j} iou[j, l])`` with ``f = (1 - iou) / (1 - iou_max)`` (or ``exp((iou_max^2 - iou^2) * sigma)``);
+    the decayed score ``decay_i * score_i`` kept above ``post_threshold``; then all classes' kept boxes by
+    decayed score (ties: the lower class first), the first ``keep_top_k``. Rows ``[class, score, x1, y1, x2, y2]``, ``rois_num [1]``.
+    paddle2onnx has no ``matrix_nms``.
+
+    Memory: one class at a time, ``k x k`` for that class's ``k`` candidates -- the kernel's own order (a
+    dense ``[C, M, M]`` over all anchors took 12.7 GB for PP-YOLO at 192 and could not run at 608).
 
     Raises:
         ExportError: more than one image per run would be needed (the batch must be 1), or rotated boxes.
@@ -292,46 +297,68 @@ def onnx_matrix_nms(bboxes, scores, score_threshold: float, post_threshold: floa
                           "form in ppfuse; export with --no_nms for ONNX, or without --onnx")
     classes, anchors = int(scores.shape[1]), int(scores.shape[2])
     keep_classes = [c for c in range(classes) if c != int(background_label)]
-    score = scores[0]  # [C, M]: one image (the ONNX program runs batch 1, as paddle2onnx's NMS)
-    if len(keep_classes) != classes:
-        score = paddle.gather(score, paddle.to_tensor(keep_classes, dtype="int64"), axis=0)
-    k = min(int(nms_top_k), anchors) if int(nms_top_k) > 0 else anchors
-    top, index = paddle.topk(score, k, axis=-1)  # [C', k], in score order
-    valid = top > float(score_threshold)
-    boxes = paddle.gather(bboxes[0], index.reshape([-1]), axis=0).reshape([len(keep_classes), k, 4])
+    if not keep_classes:
+        rows = paddle.zeros([0, 6], scores.dtype)
+        return rows, (paddle.zeros([1], "int32") if return_rois_num else None), \
+            (paddle.zeros([0, 1], "int64") if return_index else None)
+    # a last candidate that is never kept (score -1, below any threshold, after every real box in score order,
+    # so no real box's decay sees it): no class's candidate set is empty
+    score = paddle.concat([scores[0], paddle.full([classes, 1], -1.0, scores.dtype)], axis=1)  # [C, M + 1]
+    boxes = paddle.concat([bboxes[0], paddle.zeros([1, 4], bboxes.dtype)], axis=0)  # [M + 1, 4]
+    positions = paddle.arange(anchors + 1, dtype="int64")
+    limit = int(nms_top_k) if int(nms_top_k) > 0 else anchors + 1
+    parts = []
+    for c in keep_classes:
+        candidate = paddle.nonzero(paddle.logical_or(score[c] > float(score_threshold),
+                                                     positions == anchors)).reshape([-1])
+        candidate_scores = paddle.gather(score[c], candidate)
+        order = paddle.argsort(candidate_scores, descending=True, stable=True)[:limit]  # ties: the lower box first
+        top, source = paddle.gather(candidate_scores, order), paddle.gather(candidate, order)
+        box = paddle.gather(boxes, source)  # [k, 4]
+        decayed = top * _matrix_decay(box, bool(normalized), use_gaussian, float(gaussian_sigma))
+        kept = paddle.logical_and(paddle.logical_and(top > float(score_threshold), source < anchors),
+                                  decayed > float(post_threshold))
+        parts.append((paddle.where(kept, decayed, paddle.full_like(decayed, -1.0)), source,
+                      paddle.full_like(decayed, float(c))))
+    flat_scores, sources, labels = (paddle.concat(list(p), axis=0) for p in zip(*parts))
+    order = paddle.argsort(flat_scores, descending=True, stable=True)  # ties: the lower class first
+    if int(keep_top_k) > -1:
+        order = order[:int(keep_top_k)]
+    order = paddle.gather(order, paddle.nonzero(paddle.gather(flat_scores, order) > -0.5).reshape([-1]))
+    rows = paddle.concat([paddle.gather(labels, order).unsqueeze(1), paddle.gather(flat_scores, order).unsqueeze(1),
+                          paddle.gather(boxes, paddle.gather(sources, order))], axis=1)
+    number = paddle.shape(rows)[0:1].astype("int32")
+    return rows, (number if return_rois_num else None), (paddle.gather(sources, order).unsqueeze(1)
+                                                         if return_index else None)
+
+
+def _matrix_decay(box, normalized: bool, use_gaussian: bool, sigma: float):
+    """Matrix NMS's decay factor of each box ``[k, 4]`` (in score order) from the boxes before it, as Paddle's
+    CPU kernel computes it: its IoU (0 for boxes apart, even by less than the +1 of unnormalized boxes; an
+    inverted box has area 0; nothing clipped), ``decay_i = min(1, min_{j<i} f(iou[i, j], max_{l<j} iou[j, l]))``;
+    a NaN (0/0: two boxes of area 0, or IoU 1 after IoU 1) is passed over, as ``std::max``/``std::min`` pass
+    it there."""
+    k = paddle.shape(box)[0]
     one = 0.0 if normalized else 1.0
-    x1, y1, x2, y2 = paddle.split(boxes, 4, axis=-1)  # [C', k, 1]
-    area = paddle.clip(x2 - x1 + one, min=0.0) * paddle.clip(y2 - y1 + one, min=0.0)
-    inter_w = paddle.clip(paddle.minimum(x2, x2.transpose([0, 2, 1])) - paddle.maximum(x1, x1.transpose([0, 2, 1]))
-                          + one, min=0.0)
-    inter_h = paddle.clip(paddle.minimum(y2, y2.transpose([0, 2, 1])) - paddle.maximum(y1, y1.transpose([0, 2, 1]))
-                          + one, min=0.0)
-    inter = inter_w * inter_h
-    iou = inter / (area + area.transpose([0, 2, 1]) - inter)  # [C', k, k]
-    below = paddle.tril(paddle.ones([k, k], dtype=iou.dtype), diagonal=-1).unsqueeze(0)  # j < i
-    iou = iou * below
-    iou_max = iou.max(axis=-1)  # [C', k]: box j's largest IoU with a better box
-    column_max = iou_max.unsqueeze(1)  # [C', 1, k] (index j)
+    x1, y1, x2, y2 = paddle.split(box.unsqueeze(0), 4, axis=-1)  # [1, k, 1]: row i; transposed: column j
+    area = paddle.where(paddle.logical_or(x2 < x1, y2 < y1), paddle.zeros_like(x1), (x2 - x1 + one) * (y2 - y1 + one))
+    xt1, yt1, xt2, yt2, area_t = (v.transpose([0, 2, 1]) for v in (x1, y1, x2, y2, area))
+    apart = paddle.logical_or(paddle.logical_or(xt1 > x2, xt2 < x1), paddle.logical_or(yt1 > y2, yt2 < y1))
+    inter = (paddle.minimum(x2, xt2) - paddle.maximum(x1, xt1) + one) * \
+        (paddle.minimum(y2, yt2) - paddle.maximum(y1, yt1) + one)
+    iou = paddle.where(apart, paddle.zeros_like(inter), inter / (area + area_t - inter))  # [1, k, k]
+    index = paddle.arange(k, dtype="int64")
+    below = (index.unsqueeze(1) > index.unsqueeze(0)).unsqueeze(0)  # j < i
+    counted = paddle.logical_and(below, paddle.logical_not(paddle.isnan(iou)))
+    iou = paddle.where(counted, iou, paddle.zeros_like(iou))
+    column_max = iou.max(axis=-1).unsqueeze(1)  # [1, 1, k]: box j's largest IoU with a better box
     if use_gaussian:
-        decay = paddle.exp((column_max * column_max - iou * iou) * float(gaussian_sigma))
+        decay = paddle.exp((column_max * column_max - iou * iou) * sigma)
     else:
         decay = (1.0 - iou) / (1.0 - column_max)
-    decay = decay * below + (1.0 - below) * 1e30
-    decay = paddle.clip(decay.min(axis=-1), max=1.0)  # [C', k]; the best box keeps its score
-    decayed = decay * top
-    kept = paddle.logical_and(valid, decayed > float(post_threshold))
-    flat_scores = paddle.where(kept, decayed, paddle.full_like(decayed, -1.0)).reshape([-1])
-    count = len(keep_classes) * k
-    keep = min(int(keep_top_k), count) if int(keep_top_k) > 0 else count
-    best, order = paddle.topk(flat_scores, keep)
-    selected = paddle.nonzero(best > -0.5).reshape([-1])
-    order = paddle.gather(order, selected)
-    labels = paddle.gather(paddle.to_tensor(keep_classes, dtype="float32").unsqueeze(1).expand([-1, k]).reshape([-1]),
-                           order)
-    rows = paddle.concat([labels.unsqueeze(1), paddle.gather(flat_scores, order).unsqueeze(1),
-                          paddle.gather(boxes.reshape([-1, 4]), order)], axis=1)
-    number = paddle.shape(rows)[0:1].astype("int32")
-    return rows, (number if return_rois_num else None), (order.unsqueeze(1) if return_index else None)
+    counted = paddle.logical_and(counted, paddle.logical_not(paddle.isnan(decay)))
+    decay = paddle.where(counted, decay, paddle.full_like(decay, 1e30))
+    return paddle.clip(decay.min(axis=-1), max=1.0).reshape([-1])  # the best box keeps its score
 
 
 class PriorBoxes:
@@ -509,7 +536,7 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False,
     of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes;
     with ``nms_after``, a program that ends at the boxes and scores NMS takes, NMS on rotated boxes as it is,
     to be pruned with what else the outputs do not use),
-    ``matrix_nms`` in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
+    ``matrix_nms`` one class at a time in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
     dygraph run) or replayed from ``priors``, PP-YOLO's CoordConv grid without ``full_batch_size_like``, and
     RetinaNet's, YOLOF's and TTFNet's per-image loops without tensor arrays (batched; TTFNet: one image)."""
     from ppdet.modeling import layers as ppdet_layers
@@ -583,7 +610,7 @@ def nms_inputs(store: list, calls: Optional[List[tuple]] = None, stop: bool = Fa
     NMS (the plain graph's outputs without NMS); and to ``calls``, when given, ``(name, box shape, score shape,
     {argument: value})`` with every argument but the two tensors, defaults included (for
     :func:`nms_after_graph`). With ``stop`` (dygraph), the first call raises :class:`NMSReached` instead of
-    running the NMS (ONNX's dense matrix NMS needs ``[C, M, M]`` tensors)."""
+    running the NMS (the float64 reference stops there)."""
     from ppdet.modeling import ops
     saved = {name: getattr(ops, name) for name in ("multiclass_nms", "matrix_nms")}
 
