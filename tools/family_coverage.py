@@ -48,9 +48,11 @@ def run(argv):
     rows = [coverage.cover(p, overrides, rounds=args.rounds, threads=args.threads, onnx=args.onnx) for p in paths]
     note = (f"CPU: {runtime.cpu_description()}, Paddle Inference {args.threads} threads, batch 1, random weights "
             f"with randomized BatchNorm statistics, median of {args.rounds} interleaved runs" +
-            ("; ONNX columns: model.onnx with the export's check, detections of one generated image paired with "
-             "Paddle Inference's (same class, corners within 1 px; random weights tie scores, so NMS may keep "
-             "other boxes), int8 calibrated on two generated images" if args.onnx else ""))
+            ("; ONNX columns: model.onnx with the export's check, detections of the export check's generated "
+             "image (values in [0, 1]) paired with Paddle Inference fp32's (same class, corners within 1 px; bf16 "
+             "and int8 move random-weight scores and boxes enough that NMS keeps other boxes: those columns say "
+             "that it runs and how close it stays, not accuracy -- that is tools/accuracy_parity.py's), int8 "
+             "calibrated on two generated images" if args.onnx else ""))
     path = coverage.write(rows, args.output_dir, note)
     print("\n" + coverage.markdown(rows) + f"\nwrote {path}")
     result = results.write("coverage", "Family coverage", coverage.markdown(rows, note), coverage.to_data(rows),

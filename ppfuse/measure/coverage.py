@@ -21,7 +21,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -88,6 +88,8 @@ class CoverageRow:
     onnxruntime: str = ""  # detections paired with Paddle Inference's, or why not
     openvino: str = ""
     int8: str = ""  # convolutions that ran int8 in ONNX Runtime, or why not
+    # bf16 and int8 runs (LOW_PRECISION_COLUMNS): detections paired with Paddle Inference fp32's, or why not
+    low_precision: Dict[str, str] = field(default_factory=dict)
     failed_step: str = ""
     error: str = ""
     seconds: float = 0.0
@@ -123,13 +125,30 @@ def calibration_images(directory: str, size: Sequence[int], count: int) -> str:
     return directory
 
 
-def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threads: int) -> None:
-    """The ONNX columns of ``row``: write and check ``model.onnx``, run it in ONNX Runtime and OpenVINO against
-    Paddle Inference's ``outputs`` on ``feeds``, quantize and run int8. Each failure is its cell."""
-    from ppfuse.deploy import quantize
+# the low-precision columns: (title, runtime, precision); a bf16 column only on a CPU with bf16 instructions
+LOW_PRECISION_COLUMNS = (("Paddle Inference bf16", "paddle", "bf16"), ("ONNX Runtime int8", "onnxruntime", "int8"),
+                         ("OpenVINO bf16", "openvino", "bf16"), ("OpenVINO int8", "openvino", "int8"))
+
+
+def _paired(model_dir: str, runtime: str, options, feeds, reference) -> str:
+    """Detections of ``runtime`` on ``feeds`` paired with ``reference`` (Paddle Inference fp32's), as a cell."""
     from ppfuse.deploy.inference import split_detections
     from ppfuse.measure.runtime_parity import match_detections
-    from ppfuse.runtime import RuntimeOptions, load
+    from ppfuse.runtime import load
+    found = list(load(model_dir, runtime, options).run(feeds).values())
+    if reference is None:
+        return "runs"
+    match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
+    return f"{match.matched} of {match.reference} paired ({match.candidate} found)"
+
+
+def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threads: int) -> None:
+    """The ONNX columns of ``row``: write and check ``model.onnx``, run it in ONNX Runtime and OpenVINO against
+    Paddle Inference's ``outputs`` on ``feeds``, quantize and run int8 (ONNX Runtime, OpenVINO), run bf16 (Paddle
+    Inference, OpenVINO) where the CPU has it. Each failure is its cell."""
+    from ppfuse.deploy import quantize
+    from ppfuse.deploy.inference import split_detections
+    from ppfuse.runtime import RuntimeOptions, base as runtime_base, load
     try:
         export.export_onnx(result.built.model, result.directory, row.input_size, log=lambda message: None,
                            strict_detections=False)
@@ -140,14 +159,10 @@ def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threa
     reference = split_detections(outputs[0], outputs[1])[0] if len(outputs) == 2 else None
     for name in ("onnxruntime", "openvino"):
         try:
-            found = list(load(result.directory, name, RuntimeOptions(cpu_threads=threads)).run(feeds).values())
-            if reference is None:
-                setattr(row, name, "runs")
-                continue
-            match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
-            setattr(row, name, f"{match.matched} of {match.reference} paired ({match.candidate} found)")
+            setattr(row, name, _paired(result.directory, name, RuntimeOptions(cpu_threads=threads), feeds, reference))
         except Exception as exc:
             setattr(row, name, _cell(exc))
+    quantized = None
     try:
         images = calibration_images(os.path.join(workdir, "calibration"), row.input_size, 2)
         quantize.quantize_export(result.directory, images, quantize.QuantizeSettings(images=2),
@@ -156,7 +171,18 @@ def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threa
         model.run(feeds)
         row.int8 = model.confirm_precision(feeds).detail.split(": ", 1)[-1].split(";")[0]
     except Exception as exc:
-        row.int8 = _cell(exc)
+        row.int8 = quantized = _cell(exc)
+    for title, name, precision in LOW_PRECISION_COLUMNS:
+        if precision == "bf16" and not runtime_base.bf16_supported():
+            row.low_precision[title] = "no bf16 on this CPU"
+        elif precision == "int8" and quantized:
+            row.low_precision[title] = quantized
+        else:
+            try:
+                row.low_precision[title] = _paired(result.directory, name, RuntimeOptions(
+                    precision=precision, cpu_threads=threads), feeds, reference)
+            except Exception as exc:
+                row.low_precision[title] = _cell(exc)
 
 
 def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = None, rounds: int = 5,
@@ -192,6 +218,12 @@ def cover(path: str, overrides: Sequence[str] = (), workdir: Optional[str] = Non
         image = (np.random.RandomState(0).uniform(0, 255, (row.input_size[0], row.input_size[1], 3))
                  .astype("uint8"))
         feeds = Preprocess.from_infer_cfg(result.directory)(image)
+        deployed.run(feeds)  # the infer_cfg.yml preprocessing feeds the program
+        # compared and timed: the export check's generated image (values in [0, 1]); a normalized noise image
+        # saturates random weights (every score 1.0, boxes on the border), where NMS's choice among exact ties
+        # is each runtime's own
+        generated = detectors.generated_inputs(row.input_size, 1, 3)
+        feeds = {name: generated[name].numpy() for name in feeds}
         outputs = list(deployed.run(feeds).values())
         row.detections = int(np.asarray(outputs[1]).sum()) if len(outputs) > 1 else None
         row.paddle_inference_ok = True
@@ -251,12 +283,14 @@ def markdown(rows: List[CoverageRow], note: str = "") -> str:
         body.append([f"`{r.config}`", r.architecture, size, r.bn_before, f"{r.bn_left} ({r.bn_in_program})", trace,
                      f"{r.verification_max_rel:.1e}", run, fmt(r.latency_training_ms), fmt(r.latency_export_ms),
                      "" if r.ratio is None else f"{r.ratio:.2f}"] +
-                    ([r.onnx, r.onnxruntime, r.openvino, r.int8] if with_onnx else []))
+                    ([r.onnx, r.onnxruntime, r.openvino, r.int8] +
+                     [r.low_precision.get(c[0], "") for c in LOW_PRECISION_COLUMNS] if with_onnx else []))
     text = table(["config", "architecture", "size", "BN before", "BN left (program)", "confirmed by trace",
                   "verification (max rel. to scale)", "export + Paddle Inference", "training form ms", "export ms",
                   "ratio"] + (["ONNX (export's check)", "ONNX Runtime vs Paddle Inference", "OpenVINO vs Paddle "
-                               "Inference", "int8 (ONNX Runtime)"] if with_onnx else []),
-                 body, "lllrrlrlrrr" + ("llll" if with_onnx else ""))
+                               "Inference", "int8 (ONNX Runtime)"] + [c[0] for c in LOW_PRECISION_COLUMNS]
+                              if with_onnx else []),
+                 body, "lllrrlrlrrr" + ("l" * (4 + len(LOW_PRECISION_COLUMNS)) if with_onnx else ""))
     return (note + "\n\n" if note else "") + text + "\n"
 
 
