@@ -37,13 +37,13 @@ def as_set(out, number, index):
     return int(number.numpy().reshape(-1)[0]), rows
 
 
-def assert_same_detections(want, got):
+def assert_same_detections(want, got, score_atol=SCORE_ATOL):
     (n_want, rows_want), (n_got, rows_got) = want, got
     assert n_want == n_got == len(rows_want) == len(rows_got), (n_want, n_got)
     free = np.ones(len(rows_got), bool)
     for row in rows_want:
         fits = free & (rows_got[:, 0] == row[0]) & (rows_got[:, 6] == row[6]) & \
-            (np.abs(rows_got[:, 1] - row[1]) <= SCORE_ATOL) & np.all(rows_got[:, 2:6] == row[2:6], axis=1)
+            (np.abs(rows_got[:, 1] - row[1]) <= score_atol) & np.all(rows_got[:, 2:6] == row[2:6], axis=1)
         assert fits.any(), f"kernel detection {row.tolist()} has no counterpart in {rows_got.tolist()}"
         free[np.flatnonzero(fits)[0]] = False
 
@@ -93,9 +93,11 @@ def test_the_onnx_form_gives_the_kernels_detections(seed, count, classes, tied, 
     kwargs = dict(score_threshold=score_threshold, post_threshold=post_threshold, nms_top_k=nms_top_k,
                   keep_top_k=keep_top_k, use_gaussian=use_gaussian, gaussian_sigma=2.0,
                   background_label=background_label, normalized=normalized)
-    want = as_set(*kernel(boxes, break_ties(scores) if tied else scores, **kwargs))
+    distinct = break_ties(scores) if tied else scores
+    want = as_set(*kernel(boxes, distinct, **kwargs))
     got = as_set(*form(boxes, scores, **kwargs))
-    assert_same_detections(want, got)
+    # the ulps break_ties took off (up to ~30 for a value tied across every class) move the kernel's scores too
+    assert_same_detections(want, got, SCORE_ATOL + float(np.abs(distinct - scores).max()))
 
 
 @pytest.mark.slow  # ~45 s: the kernel and the form each take all 80 x 2268 candidates
@@ -143,4 +145,6 @@ def test_the_form_traces_and_runs_in_onnx_runtime_as_the_kernel(tmp_path):
                                   on_threshold=False, empty_class=seed == 4, threshold=0.05)
         out, number, index = session.run(None, {"boxes": boxes, "scores": scores})
         got = (int(number.reshape(-1)[0]), np.concatenate([out, index.reshape(-1, 1).astype(np.float32)], 1))
-        assert_same_detections(as_set(*kernel(boxes, break_ties(scores), **kwargs)), got)
+        distinct = break_ties(scores)
+        assert_same_detections(as_set(*kernel(boxes, distinct, **kwargs)), got,
+                               SCORE_ATOL + float(np.abs(distinct - scores).max()))

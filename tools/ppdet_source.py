@@ -99,7 +99,7 @@ def _onnx_cells(directory, size, precisions, threads, work):
     from ppfuse.deploy.inference import split_detections
     from ppfuse.errors import first_line
     from ppfuse.measure.coverage import calibration_images
-    from ppfuse.measure.runtime_parity import match_detections
+    from ppfuse.measure.runtime_parity import match_outputs
     from ppfuse.runtime import CPU_PRECISIONS, RuntimeOptions, available, load
     from ppfuse.runtime.base import bf16_supported
     paddle_runtime = load(directory, "paddle", RuntimeOptions(cpu_threads=threads))
@@ -126,9 +126,7 @@ def _onnx_cells(directory, size, precisions, threads, work):
                 continue
             try:
                 runtime = load(directory, name, RuntimeOptions(precision=precision, cpu_threads=threads))
-                found = list(runtime.run(feeds).values())
-                match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
-                cells[cell] = f"{match.matched} of {match.reference} paired ({match.candidate} found)"
+                cells[cell] = match_outputs(reference, list(runtime.run(feeds).values())).cell
                 runtimes[cell] = runtime
             except Exception as exc:
                 cells[cell] = f"failed: {first_line(exc)[:200]}"

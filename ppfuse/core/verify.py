@@ -370,13 +370,13 @@ def pair_detections(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     (Paddle's NMS lists detections class by class below ``keep_top_k``, ONNX's by score.) Returns
     ``(ok, description)``.
     """
-    ref_bbox, ref_num = (np.asarray(a) for a in reference[:2])
-    bbox, num = (np.asarray(a) for a in candidate[:2])
-    if not np.array_equal(np.asarray(num).reshape(-1), np.asarray(ref_num).reshape(-1)):
-        return False, f"different count ({np.asarray(num).reshape(-1).tolist()} vs {np.asarray(ref_num).reshape(-1).tolist()})"
+    ref_bbox, ref_num = np.asarray(reference[0]), np.asarray(reference[1]).reshape(-1)
+    bbox, num = np.asarray(candidate[0]), np.asarray(candidate[1]).reshape(-1)
+    if not np.array_equal(num, ref_num):
+        return False, f"different count ({num.tolist()} vs {ref_num.tolist()})"
     box_diff = score_diff = 0.0
     start = 0
-    for n in np.asarray(ref_num).reshape(-1):
+    for n in ref_num:
         want, got = ref_bbox[start:start + int(n)], bbox[start:start + int(n)]
         start += int(n)
         free = np.ones(len(got), bool)

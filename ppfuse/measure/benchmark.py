@@ -75,7 +75,7 @@ import paddle
 from ppfuse import runtime as runtimes
 from ppfuse.core import layers
 from ppfuse.core.convert import convert
-from ppfuse.core.verify import float64_copy, pair_detections
+from ppfuse.core.verify import pair_detections
 from ppfuse.deploy.program import count_ops
 from ppfuse.errors import ConfigError, first_line
 from ppfuse.export_format import (INT8_ONNX_FILE, INT8_OPENVINO_FILE, MODEL_FILE, ONNX_FILE, OPENVINO_FILE,
@@ -84,7 +84,8 @@ from ppfuse.measure.results import table
 from ppfuse.ppdet.detection import (BuiltModel, DetectionConfig, build_model, convert_detector,
                                     raw_outputs_float64)
 from ppfuse.ppdet.detectors import (generated_inputs, input_names, is_ppyoloe_style, last_nms_call, normalize_like,
-                                    ppdet_failures, ppdet_path, ppyoloe_outputs, raw_outputs, wrapper_for)
+                                    ppdet_failures, ppdet_path, ppyoloe_outputs, raw_outputs,
+                                    raw_outputs_in_float64, wrapper_for)
 from ppfuse.ppdet.export import (DEFAULT_ATOL, export_onnx, judge_raw_outputs, save_inference_model,
                                  save_plain_program, verify_deployed)
 
@@ -438,8 +439,8 @@ def reference_outputs(model, size: List[int], batch: int, with_nms: bool):
         exact = None if with_nms else list(raw_outputs_float64(model, *inputs))
         return feeds, Reference(outputs, exact)
     raw = raw_outputs(model, inputs, size)
-    return feeds, Reference(list(raw.values()), lambda: list(raw_outputs(
-        float64_copy(model), [t.astype("float64") for t in inputs], size).values()), list(raw))
+    return feeds, Reference(list(raw.values()), lambda: list(raw_outputs_in_float64(model, inputs, size).values()),
+                            list(raw))
 
 
 def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,
@@ -465,13 +466,20 @@ def parity(reference: Reference, outputs: List[np.ndarray], size: List[int], wit
     extent = float(max(size))
     boxes, scores = result.outputs
     text = f"box diff {boxes.max_abs * extent:.2g} px, score diff {scores.max_abs:.2g}"
+    return _verdict(result, text, lambda check: (
+        f"box {check.candidate_error['boxes_over_size'] * extent:.2g} px, score "
+        f"{check.candidate_error['scores']:.2g} (training form fp32: box "
+        f"{check.original_error['boxes_over_size'] * extent:.2g} px, score {check.original_error['scores']:.2g})"))
+
+
+def _verdict(result, text: str, rounding_text: Callable) -> Tuple[bool, str]:
+    """``(ok, description)`` of a :func:`ppfuse.ppdet.export.judge_raw_outputs` result: the same within the
+    tolerance, within fp32 rounding by the float64 check (``rounding_text(check)`` says how far each is from
+    float64), or different."""
     if result.within_tolerance:
         return True, "same (" + text + ")"
-    check = result.rounding
-    text += (f"; from float64: box {check.candidate_error['boxes_over_size'] * extent:.2g} px, score "
-             f"{check.candidate_error['scores']:.2g} (training form fp32: box "
-             f"{check.original_error['boxes_over_size'] * extent:.2g} px, score {check.original_error['scores']:.2g})")
-    return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
+    text += "; from float64: " + rounding_text(result.rounding)
+    return (True, f"same within fp32 rounding ({text})") if result.rounding.ok else (False, "differ: " + text)
 
 
 def detection_parity(reference: Reference, outputs: List[np.ndarray], size: List[int]):
@@ -497,14 +505,11 @@ def raw_parity(reference: Reference, outputs: List[np.ndarray]):
     except Exception as exc:  # the float64 evaluation that would tell rounding from error could not run
         return False, f"differ beyond tolerance; the float64 reference could not run ({_error_line(exc)[:120]})"
     worst = max(result.outputs, key=lambda o: o.max_abs)
-    text = f"max diff {worst.max_abs:.2g} of the output's scale ({worst.name})"
-    if result.within_tolerance:
-        return True, "same (" + text + ")"
-    check = result.rounding
-    name = max(check.candidate_error, key=lambda k: check.candidate_error[k] / (check.original_error[k] or 1e-30))
-    text += (f"; from float64: {name} {check.candidate_error[name]:.2g} (training form fp32: "
-             f"{check.original_error[name]:.2g})")
-    return (True, f"same within fp32 rounding ({text})") if check.ok else (False, "differ: " + text)
+
+    def furthest(check) -> str:  # the output furthest from float64 relative to the training form's own error
+        name = max(check.candidate_error, key=lambda k: check.candidate_error[k] / (check.original_error[k] or 1e-30))
+        return f"{name} {check.candidate_error[name]:.2g} (training form fp32: {check.original_error[name]:.2g})"
+    return _verdict(result, f"max diff {worst.max_abs:.2g} of the output's scale ({worst.name})", furthest)
 
 
 def low_precision_parity(reference: Reference, outputs: List[np.ndarray], size: List[int], with_nms: bool,

@@ -132,14 +132,10 @@ LOW_PRECISION_COLUMNS = (("Paddle Inference bf16", "paddle", "bf16"), ("ONNX Run
 
 def _paired(model_dir: str, runtime: str, options, feeds, reference) -> str:
     """Detections of ``runtime`` on ``feeds`` paired with ``reference`` (Paddle Inference fp32's), as a cell."""
-    from ppfuse.deploy.inference import split_detections
-    from ppfuse.measure.runtime_parity import match_detections
+    from ppfuse.measure.runtime_parity import match_outputs
     from ppfuse.runtime import load
     found = list(load(model_dir, runtime, options).run(feeds).values())
-    if reference is None:
-        return "runs"
-    match = match_detections(reference, split_detections(found[0], found[1])[0], 1.0)
-    return f"{match.matched} of {match.reference} paired ({match.candidate} found)"
+    return match_outputs(reference, found).cell if reference is not None else "runs"
 
 
 def _onnx_runtimes(row: CoverageRow, result, feeds, outputs, workdir: str, threads: int) -> None:

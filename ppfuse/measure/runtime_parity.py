@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ppfuse import runtime as runtimes
-from ppfuse.deploy.inference import Detections, Detector
+from ppfuse.deploy.inference import Detections, Detector, split_detections
 from ppfuse.measure.results import table
 
 REFERENCE = ("paddle", "fp32")
@@ -49,6 +49,11 @@ class Match:
     def same(self) -> bool:
         return self.matched == self.reference == self.candidate
 
+    @property
+    def cell(self) -> str:
+        """The pairing as a table cell."""
+        return f"{self.matched} of {self.reference} paired ({self.candidate} found)"
+
 
 def match_detections(reference: Detections, candidate: Detections,
                      box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> Match:
@@ -73,6 +78,13 @@ def match_detections(reference: Detections, candidate: Detections,
         result.max_score_diff = max(result.max_score_diff, float(abs(candidate.scores[j] - reference.scores[i])))
     result.unmatched_scores += [float(s) for s in candidate.scores[free]]
     return result
+
+
+def match_outputs(reference: Detections, outputs: Sequence[np.ndarray],
+                  box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> Match:
+    """A runtime's raw NMS outputs ``[bbox, bbox_num]`` (one image) paired with ``reference``
+    (:func:`match_detections`)."""
+    return match_detections(reference, split_detections(outputs[0], outputs[1])[0], box_tolerance)
 
 
 @dataclass

@@ -426,6 +426,14 @@ def raw_outputs(model: nn.Layer, inputs: Sequence[paddle.Tensor], size: Sequence
     return {f"{head_of(model)[0]}.{i}": t.numpy() for i, t in enumerate(out)}
 
 
+def raw_outputs_in_float64(model: nn.Layer, inputs: Sequence[paddle.Tensor],
+                           size: Sequence[int]) -> Dict[str, np.ndarray]:
+    """:func:`raw_outputs` of a float64 copy of ``model`` on ``inputs`` cast to float64 (``model`` is left as
+    it is): the reference that tells fp32 rounding from a conversion error."""
+    from ppfuse.core.verify import float64_copy
+    return raw_outputs(float64_copy(model), [t.astype("float64") for t in inputs], size)
+
+
 def ppyoloe_outputs(boxes, scores, size: Sequence[int]) -> Dict[str, np.ndarray]:
     """PP-YOLOE's raw boxes and scores as compared everywhere: boxes as fractions of the input size, so one
     tolerance fits both (both O(1))."""

@@ -240,11 +240,9 @@ def verify_deployed(training_model: nn.Layer, deployed: nn.Layer, size: List[int
         candidate = detectors.raw_outputs(deployed, inputs, size)
 
     def float64_outputs(replay: bool = False):
-        from ppfuse.core.verify import float64_copy
         try:
             with choices.replay() if replay else contextlib.nullcontext():
-                return detectors.raw_outputs(float64_copy(training_model), [t.astype("float64") for t in inputs],
-                                             size)
+                return detectors.raw_outputs_in_float64(training_model, inputs, size)
         except VerificationError:
             raise
         except Exception as exc:  # a ppdet module that cannot compute in float64

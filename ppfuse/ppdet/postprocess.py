@@ -280,11 +280,11 @@ def onnx_matrix_nms(bboxes, scores, score_threshold: float, post_threshold: floa
 
     Per class, as the kernel: its boxes above ``score_threshold`` (a dynamic count), the ``nms_top_k`` best in
     score order (exact ties: the lower box first, where the kernel's ``std::partial_sort`` leaves it open; a
-    stable sort, so that Paddle, whose ``topk`` is not stable, and ONNX's ``TopK`` agree); ``iou[i, j]`` for ``j < i``; ``decay_i = min_{j<i} f(iou[i, j],
-    max_{l<j} iou[j, l])`` with ``f = (1 - iou) / (1 - iou_max)`` (or ``exp((iou_max^2 - iou^2) * sigma)``);
-    the decayed score ``decay_i * score_i`` kept above ``post_threshold``; then all classes' kept boxes by
-    decayed score (ties: the lower class first), the first ``keep_top_k``. Rows ``[class, score, x1, y1, x2, y2]``, ``rois_num [1]``.
-    paddle2onnx has no ``matrix_nms``.
+    stable sort, so that Paddle, whose ``topk`` is not stable, and ONNX's ``TopK`` agree); each box's decay
+    from the boxes before it (:func:`_matrix_decay`); the decayed score ``decay_i * score_i`` kept above
+    ``post_threshold``; then all classes' kept boxes by decayed score (ties: the lower class first), the first
+    ``keep_top_k``. Rows ``[class, score, x1, y1, x2, y2]``, ``rois_num [1]``. paddle2onnx has no
+    ``matrix_nms``.
 
     Memory: one class at a time, ``k x k`` for that class's ``k`` candidates -- the kernel's own order (a
     dense ``[C, M, M]`` over all anchors took 12.7 GB for PP-YOLO at 192 and could not run at 608).
@@ -335,9 +335,9 @@ def onnx_matrix_nms(bboxes, scores, score_threshold: float, post_threshold: floa
 def _matrix_decay(box, normalized: bool, use_gaussian: bool, sigma: float):
     """Matrix NMS's decay factor of each box ``[k, 4]`` (in score order) from the boxes before it, as Paddle's
     CPU kernel computes it: its IoU (0 for boxes apart, even by less than the +1 of unnormalized boxes; an
-    inverted box has area 0; nothing clipped), ``decay_i = min(1, min_{j<i} f(iou[i, j], max_{l<j} iou[j, l]))``;
-    a NaN (0/0: two boxes of area 0, or IoU 1 after IoU 1) is passed over, as ``std::max``/``std::min`` pass
-    it there."""
+    inverted box has area 0; nothing clipped), ``decay_i = min(1, min_{j<i} f(iou[i, j], max_{l<j} iou[j, l]))``
+    with ``f = (1 - iou) / (1 - iou_max)`` (or ``exp((iou_max^2 - iou^2) * sigma)``); a NaN (0/0: two boxes of
+    area 0, or IoU 1 after IoU 1) is passed over, as ``std::max``/``std::min`` pass it there."""
     k = paddle.shape(box)[0]
     one = 0.0 if normalized else 1.0
     x1, y1, x2, y2 = paddle.split(box.unsqueeze(0), 4, axis=-1)  # [1, k, 1]: row i; transposed: column j
@@ -536,8 +536,8 @@ def onnx_postprocess(priors: Optional[PriorBoxes] = None, record: bool = False,
     of this module: per-class top-k before ``multiclass_nms`` (its inputs given the recorded static shapes;
     with ``nms_after``, a program that ends at the boxes and scores NMS takes, NMS on rotated boxes as it is,
     to be pruned with what else the outputs do not use),
-    ``matrix_nms`` one class at a time in dense ops, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``, a
-    dygraph run) or replayed from ``priors``, PP-YOLO's CoordConv grid without ``full_batch_size_like``, and
+    ``matrix_nms`` one class at a time, ``box_coder`` in elementwise ops, ``prior_box`` recorded (``record=True``,
+    a dygraph run) or replayed from ``priors``, PP-YOLO's CoordConv grid without ``full_batch_size_like``, and
     RetinaNet's, YOLOF's and TTFNet's per-image loops without tensor arrays (batched; TTFNet: one image)."""
     from ppdet.modeling import layers as ppdet_layers
     from ppdet.modeling import ops
